@@ -63,3 +63,51 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = ctx
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
+
+
+# Data parallel over ("data", "fsdp"); parameters sharded over "fsdp" along
+# their embedding axis (ZeRO-3 style) and over "tensor" along heads / MLP /
+# vocabulary (Megatron style). With fsdp = tensor = 1 this is pure data parallel.
+DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "embed": "fsdp",
+    "heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "kv": None,
+    "length": None,
+    "layers": None,
+}
+
+
+def mesh_shape(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Resolve a config's {axis: size} where one size may be -1 ("the rest")."""
+    sizes = dict(axes)
+    rest = [name for name, size in sizes.items() if size == -1]
+    bad = [name for name, size in sizes.items() if size != -1 and (not isinstance(size, int) or size < 1)]
+    if bad or len(rest) > 1:
+        raise ValueError(f"mesh: sizes must be positive integers with at most one -1; got {dict(axes)}")
+    known = 1
+    for size in sizes.values():
+        known *= size if size != -1 else 1
+    if rest:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh: {dict(axes)} cannot cover {num_devices} devices ({num_devices} % {known} != 0)"
+            )
+        sizes[rest[0]] = num_devices // known
+    elif known != num_devices:
+        raise ValueError(f"mesh: {dict(axes)} needs {known} devices but {num_devices} are available")
+    return sizes
+
+
+def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A device mesh from the config; Auto axis types so GSPMD propagates shardings."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(axes, len(devices))
+    return jax.make_mesh(
+        tuple(sizes.values()),
+        tuple(sizes),
+        axis_types=(jax.sharding.AxisType.Auto,) * len(sizes),
+        devices=devices,
+    )

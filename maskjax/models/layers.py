@@ -122,9 +122,7 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
         contract = tuple(range(x.ndim - self.n_in, x.ndim))
-        y = jax.lax.dot_general(
-            x.astype(self.dtype), kernel, ((contract, tuple(range(self.n_in))), ((), ()))
-        )
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel, ((contract, tuple(range(self.n_in))), ((), ())))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -144,7 +142,9 @@ class Embed(nnx.Module):
         dtype: str = "float32",
         param_dtype: str = "float32",
     ):
-        self.embedding = param(rngs, jax.nn.initializers.normal(init_std), (num, features), names, param_dtype)
+        self.embedding = param(
+            rngs, jax.nn.initializers.normal(init_std), (num, features), names, param_dtype
+        )
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -238,7 +238,9 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         d, n, h = cfg.hidden, cfg.heads, cfg.head_dim
-        kw = dict(rngs=rngs, init=cfg.init, init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = dict(
+            rngs=rngs, init=cfg.init, init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype
+        )
         q_bias, k_bias, v_bias = cfg.qkv_bias
         self.query = Dense(d, (n, h), ("embed", "heads", "kv"), use_bias=q_bias, **kw)
         self.key = Dense(d, (n, h), ("embed", "heads", "kv"), use_bias=k_bias, **kw)
@@ -264,7 +266,9 @@ class Mlp(nnx.Module):
     """x -> act(x·W1 + b1)·W2 + b2, hidden width F ("mlp")."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, init=cfg.init, init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = dict(
+            rngs=rngs, init=cfg.init, init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype
+        )
         self.wi = Dense(cfg.hidden, cfg.mlp_dim, ("embed", "mlp"), **kw)
         self.wo = Dense(cfg.mlp_dim, cfg.hidden, ("mlp", "embed"), **kw)
         self.act = activation(cfg.activation)

@@ -1,0 +1,132 @@
+"""From a training config's `data` section to this process's resumable loader.
+
+  data.kind = "image": a tfds image dataset (local ones are prepared on first use)
+                       + RandomResizedCrop / flip / normalise for training,
+                       resize + centre crop for evaluation
+  data.kind = "text":  a folder written by `maskjax prepare-text` (prepared on
+                       first use from `data.corpus` when it is missing)
+
+Datasets live under `data.data_dir`, default $MASKJAX_DATA_DIR or ~/.cache/maskjax.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from maskjax.data import image_datasets, images, pipeline
+
+to_global = pipeline.to_global
+
+
+def data_dir(data: ml_collections.ConfigDict) -> Path:
+    default = os.environ.get("MASKJAX_DATA_DIR", str(Path.home() / ".cache" / "maskjax"))
+    return Path(data.get("data_dir") or default)
+
+
+def _once(prepare) -> None:
+    """Prepare on process 0 only; the other processes wait for it (one shared file system)."""
+    if jax.process_index() == 0:
+        prepare()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("maskjax: dataset prepared")
+
+
+def _image_source(data: ml_collections.ConfigDict, split: str) -> tuple[Any, tuple, tuple]:
+    name, root = data.dataset, data_dir(data)
+    if name in image_datasets.BUILDERS:
+        _once(lambda: image_datasets.prepare(name, root, **data.get("builder_kwargs", {})))
+    mean, std = image_datasets.normalization(name, root)
+    return image_datasets.open_source(name, split, root), mean, std
+
+
+def _text_dir(data: ml_collections.ConfigDict) -> Path:
+    from maskjax.data import text_datasets
+
+    out = data_dir(data) / data.name
+
+    def prepare() -> None:
+        if (out / "prepare.json").exists():
+            return
+        corpus = data.get("corpus") or str(text_datasets.demo_corpus(data_dir(data) / "corpora" / data.name))
+        text_datasets.prepare_text(
+            corpus,
+            out,
+            layout=data.layout,
+            max_length=data.seq_length,
+            vocab_size=data.get("vocab_size"),
+            seed=data.get("prepare_seed", 0),
+        )
+
+    _once(prepare)
+    return out
+
+
+def tokenizer(config: ml_collections.ConfigDict):
+    """The tokenizer of a text config's prepared dataset."""
+    from maskjax.data import text_datasets
+
+    return text_datasets.open_text_dataset(_text_dir(config.data), "train")[1]
+
+
+def make(
+    config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> pipeline.Loader:
+    """split "train": the shuffled, augmented, resumable stream; "eval": held-out data in a fixed order."""
+    data = config.data
+    train = split == "train"
+    split_name = data.get("train_split", "train") if train else data.get("eval_split", "validation")
+    if data.kind == "image":
+        source, mean, std = _image_source(data, split_name)
+        size = data.image_size
+        if train:
+            transform = images.train_transform(
+                size,
+                mean,
+                std,
+                scale=tuple(data.get("scale", (0.2, 1.0))),
+                ratio=tuple(data.get("ratio", (3 / 4, 4 / 3))),
+                flip=data.get("flip", True),
+                channels=data.get("channels"),
+            )
+        else:
+            transform = images.eval_transform(
+                size, mean, std, crop_pct=data.get("crop_pct", 0.875), channels=data.get("channels")
+            )
+    elif data.kind == "text":
+        from maskjax.data import text_datasets
+
+        source, _ = text_datasets.open_text_dataset(_text_dir(data), split_name)
+        transform = None
+    else:
+        raise ValueError(f"data.kind must be one of image, text; got {data.kind!r}")
+    return pipeline.Loader(
+        source,
+        global_batch=config.global_batch_size,
+        seed=config.seed,
+        transform=transform,
+        process_index=process_index,
+        process_count=process_count,
+        start_step=start_step,
+        num_workers=data.get("num_workers", 0),
+        shuffle=train,
+    )
+
+
+def first_batches(config: ml_collections.ConfigDict, split: str, n: int) -> dict[str, np.ndarray]:
+    """`n` batches of `split` concatenated on the host (for reports and figures)."""
+    loader = make(config, split, process_index=0, process_count=1)
+    batches = [next(loader) for _ in range(n)]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}

@@ -1,0 +1,131 @@
+"""Hugging Face transformers checkpoints <-> maskjax parameters.
+
+One module per family holds the name mapping (bert.py also covers RoBERTa);
+this file only dispatches on the checkpoint's architecture:
+
+  load_hf(dir_or_torch_model) -> Imported(family, config, params, missing)
+  save_hf(family, config, params, out_dir)                  config.json + model.safetensors
+
+Weights are read and written with safetensors' numpy API, so converting needs
+no PyTorch; transformers is needed for its config classes (`maskjax[hf]`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from flax import nnx
+
+from maskjax import models
+
+# maskjax family -> the module with its name mapping
+_MODULE = {
+    "bert": "maskjax.interop.bert",
+    "roberta": "maskjax.interop.bert",
+    "gpt": "maskjax.interop.gpt",
+    "mae": "maskjax.interop.mae",
+    "beit": "maskjax.interop.beit",
+}
+_MODULES = tuple(dict.fromkeys(_MODULE.values()))
+# transformers' model_type -> maskjax family
+_FAMILY = {"bert": "bert", "roberta": "roberta", "gpt2": "gpt", "vit_mae": "mae", "beit": "beit"}
+
+
+class Imported(NamedTuple):
+    family: str
+    config: Any
+    params: dict  # pure dict of numpy arrays, as nnx.to_pure_dict
+    missing: list[str]  # parameter paths the checkpoint lacked (freshly initialised)
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError("converting checkpoints needs transformers: pip install 'maskjax[hf]'") from e
+    return transformers
+
+
+def _module_for(architecture: str):
+    for name in _MODULES:
+        module = importlib.import_module(name)
+        if architecture in module.HF_ARCHITECTURES:
+            return module
+    known = sorted(a for n in _MODULES for a in importlib.import_module(n).HF_ARCHITECTURES)
+    raise ValueError(f"architecture {architecture!r} is not supported; supported: {known}")
+
+
+def _read_dir(path: Path) -> tuple[Any, dict[str, np.ndarray]]:
+    hf_config = _transformers().AutoConfig.from_pretrained(path)
+    if (path / "model.safetensors").exists():
+        from safetensors.numpy import load_file
+
+        return hf_config, load_file(path / "model.safetensors")
+    if (path / "pytorch_model.bin").exists():
+        import torch
+
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return hf_config, {k: v.float().numpy() for k, v in state.items()}
+    raise FileNotFoundError(f"--hf-dir={path} has neither model.safetensors nor pytorch_model.bin")
+
+
+def _merge(base: dict, update: Mapping, path: str = "") -> list[str]:
+    """Write `update` into `base` in place; return the paths of `base` it did not cover."""
+    missing = []
+    for key, value in base.items():
+        where = f"{path}/{key}"
+        if key not in update:
+            missing.append(where)
+        elif isinstance(value, dict):
+            missing += _merge(value, update[key], where)
+        else:
+            if tuple(np.shape(update[key])) != tuple(value.shape):
+                raise ValueError(
+                    f"{where}: checkpoint shape {np.shape(update[key])} != model shape {value.shape}"
+                )
+            base[key] = np.asarray(update[key], dtype=value.dtype)
+    return missing
+
+
+def load_hf(source: str | Path | Any, *, seed: int = 0) -> Imported:
+    """Convert a transformers checkpoint directory, or an in-memory PyTorch model.
+
+    Parts the checkpoint lacks (e.g. the MLM head of a bare `BertModel`) keep a
+    fresh initialisation from `seed` and are listed in `missing`.
+    """
+    if isinstance(source, str | Path):
+        hf_config, state = _read_dir(Path(source))
+        architecture = (hf_config.architectures or [""])[0]
+    else:
+        hf_config = source.config
+        state = {k: v.detach().float().cpu().numpy() for k, v in source.state_dict().items()}
+        architecture = type(source).__name__
+    module = _module_for(architecture)
+    family = _FAMILY[hf_config.model_type]
+    cfg = module.config_from_hf(hf_config)
+    converted = module.params_from_hf(state, cfg)
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(models.build(family, cfg, seed), nnx.Param)))
+    missing = _merge(params, converted)
+    return Imported(family, cfg, params, missing)
+
+
+def save_hf(family: str, cfg: Any, params: Mapping, out_dir: str | Path) -> Path:
+    """Write a directory that transformers' `from_pretrained` loads."""
+    from safetensors.numpy import save_file
+
+    if family not in _MODULE:
+        raise ValueError(f"export to transformers supports families {sorted(_MODULE)}; got {family!r}")
+    module = importlib.import_module(_MODULE[family])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    module.hf_config(cfg).save_pretrained(out)
+    tensors = {
+        k: np.ascontiguousarray(v, dtype=np.float32) for k, v in module.params_to_hf(params, cfg).items()
+    }
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out

@@ -1,0 +1,27 @@
+"""One short module per family: its masking strategy + model + loss, and nothing else.
+
+Each module provides
+  loss(model, batch, key, config, *, train) -> (loss, metrics)   pure; runs inside the jitted step
+  report(trainer, state, config, workdir) -> None                 after the last step (baselines, figures)
+This is the place a paper reader looks: the five differ only where the papers differ.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+_MODULES = {
+    "bert": "maskjax.methods.bert",
+    "roberta": "maskjax.methods.bert",
+    "gpt": "maskjax.methods.gpt",
+    "mae": "maskjax.methods.mae",
+    "beit": "maskjax.methods.beit",
+    "vqvae": "maskjax.methods.vqvae",
+}
+
+
+def get(family: str) -> ModuleType:
+    if family not in _MODULES:
+        raise ValueError(f"family must be one of {sorted(_MODULES)}; got {family!r}")
+    return importlib.import_module(_MODULES[family])

@@ -1,0 +1,108 @@
+"""Optimizers and learning-rate schedules as the papers used them (optax).
+
+  BERT, RoBERTa   AdamW, linear warmup then linear decay to 0; LAMB for large batches
+  MAE, BEiT, GPT  AdamW, linear warmup then cosine decay
+  MAE's rule      lr = base_lr × global_batch / 256 (He et al. 2022, Table 8)
+
+Weight decay skips the parameters a config names in `optimizer.no_decay`
+(substrings of a parameter's path, e.g. "bias", "scale" for LayerNorm,
+"cls_token"): each paper excluded a slightly different set, so the set is part
+of the paper's config. Layer-wise learning-rate decay (BEiT fine-tuning) scales
+the update of layer i of L by decay^(L + 1 − i).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def peak_learning_rate(opt: Mapping[str, Any], global_batch: int) -> float:
+    """`base_lr × global_batch / 256` when the config gives `base_lr` (MAE, BEiT), else `peak_lr`."""
+    if opt.get("base_lr"):
+        return float(opt["base_lr"]) * global_batch / 256
+    return float(opt["peak_lr"])
+
+
+def schedule(
+    peak: float, total_steps: int, warmup_steps: int, decay: str, end_lr: float = 0.0
+) -> optax.Schedule:
+    """Linear warmup from 0 to `peak`, then `decay` ("linear", "cosine" or "constant") to `end_lr`."""
+    warmup = optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
+    rest = max(total_steps - warmup_steps, 1)
+    if decay == "linear":
+        after = optax.linear_schedule(peak, end_lr, rest)
+    elif decay == "cosine":
+        after = optax.cosine_decay_schedule(peak, rest, alpha=end_lr / peak if peak else 0.0)
+    elif decay == "constant":
+        after = optax.constant_schedule(peak)
+    else:
+        raise ValueError(f"schedule.decay must be one of linear, cosine, constant; got {decay!r}")
+    return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+def _path_names(path: Sequence[Any]) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def decay_mask(params: Any, no_decay: Sequence[str]) -> Any:
+    """True where weight decay applies: no component of the path contains a `no_decay` pattern."""
+
+    def applies(path, _):
+        return not any(pattern in name for name in _path_names(path) for pattern in no_decay)
+
+    return jax.tree_util.tree_map_with_path(applies, params)
+
+
+def layerwise_scales(params: Any, decay: float, num_layers: int, embed_patterns: Sequence[str]) -> Any:
+    """Per-leaf update scale for layer-wise lr decay.
+
+    Leaves stacked under "blocks" (leading axis = layer) get layer ids 1..L,
+    leaves matching `embed_patterns` id 0, everything else (heads, final norm)
+    id L + 1; the scale is decay^(L + 1 − id).
+    """
+
+    def scale(path, leaf):
+        names = _path_names(path)
+        if "blocks" in names:
+            ids = jnp.arange(1, num_layers + 1, dtype=jnp.float32)
+            return (decay ** (num_layers + 1 - ids)).reshape((num_layers,) + (1,) * (leaf.ndim - 1))
+        if any(p in n for n in names for p in embed_patterns):
+            return jnp.float32(decay ** (num_layers + 1))
+        return jnp.float32(1.0)
+
+    return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def _scale_by_tree(scales: Any) -> optax.GradientTransformation:
+    return optax.GradientTransformation(
+        lambda _: optax.EmptyState(),
+        lambda updates, state, params=None: (jax.tree.map(jnp.multiply, updates, scales), state),
+    )
+
+
+def make_optimizer(
+    opt: Mapping[str, Any], lr: optax.Schedule, params: Any, num_layers: int = 0
+) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW or LAMB with the decay mask, then layer-wise scaling."""
+    mask = decay_mask(params, tuple(opt.get("no_decay", ("bias", "scale"))))
+    common = dict(b1=opt["b1"], b2=opt["b2"], eps=opt["eps"], weight_decay=opt["weight_decay"], mask=mask)
+    name = opt["name"]
+    if name == "adamw":
+        core = optax.adamw(lr, **common)
+    elif name == "lamb":
+        core = optax.lamb(lr, **common)
+    else:
+        raise ValueError(f"optimizer.name must be one of adamw, lamb; got {name!r}")
+    parts = []
+    if opt.get("grad_clip"):
+        parts.append(optax.clip_by_global_norm(opt["grad_clip"]))
+    parts.append(core)
+    if opt.get("layer_decay") and opt["layer_decay"] != 1.0:
+        scales = layerwise_scales(params, opt["layer_decay"], num_layers, opt.get("layer_decay_embed", ()))
+        parts.append(_scale_by_tree(scales))
+    return optax.chain(*parts)

@@ -1,0 +1,318 @@
+"""The one training loop, for every family.
+
+Read top to bottom: config -> mesh -> sharded state -> jitted step -> loop
+(metrics, eval, checkpoints, preemption). What a family adds lives in
+`maskjax/methods/<family>.py`: its masking + model + loss.
+
+  state = {"params": ..., "opt": ..., "step": int32}   (plain dicts; all on the mesh)
+  train_step(state, batch) -> (state, metrics)         one jit, state donated,
+                                                        rng = fold_in(seed, step)
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from maskjax import config as config_lib
+from maskjax import methods, models, optim, sharding
+from maskjax.data import loaders
+
+
+def _param_shardings(abstract_params: Any, mesh: jax.sharding.Mesh, rules: dict) -> Any:
+    """NamedSharding of every parameter, from its logical axis names."""
+    return jax.tree.map(
+        lambda v: v.replace(
+            NamedSharding(mesh, sharding.logical_to_spec(v.get_metadata().get("out_sharding") or (), rules))
+        ),
+        abstract_params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def _opt_shardings(abstract_opt: Any, param_shardings: dict, mesh: jax.sharding.Mesh) -> Any:
+    """Optimizer leaves mirroring a parameter (Adam's mu, nu) take its sharding; the rest replicate.
+
+    `jax.jit(tx.init)` alone would not (JAX-NOTES): match each leaf's path suffix to a parameter path.
+    """
+    by_path = {
+        tuple(str(getattr(k, "key", k)) for k in path): s
+        for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
+    }
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        for start in range(len(names)):
+            found = by_path.get(names[start:])
+            if found is not None and len(found.spec) <= leaf.ndim:
+                return found
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
+class Trainer:
+    """Everything derived from the config, built once: mesh, shardings, jitted steps."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.model_cfg = config_lib.validate(config, jax.device_count())
+        self.family = config.family
+        self.method = methods.get(self.family)
+        self.mesh = sharding.make_mesh(config.mesh.to_dict())
+        self.rules = config_lib.rules(config)
+
+        abstract_model = nnx.eval_shape(lambda: models.build(self.family, self.model_cfg, config.seed))
+        self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+        param_sh = nnx.to_pure_dict(_param_shardings(abstract_params, self.mesh, self.rules))
+        abstract_params = nnx.to_pure_dict(abstract_params)
+
+        opt = config.optimizer.to_dict()
+        self.peak_lr = optim.peak_learning_rate(opt, config.global_batch_size)
+        sched = config.schedule
+        self.lr = optim.schedule(
+            self.peak_lr, config.total_steps, sched.warmup_steps, sched.decay, sched.get("end_lr", 0.0)
+        )
+        self.tx = optim.make_optimizer(opt, self.lr, abstract_params, getattr(self.model_cfg, "layers", 0))
+        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.state_sharding = {
+            "params": param_sh,
+            "opt": _opt_shardings(abstract_opt, param_sh, self.mesh),
+            "step": replicated,
+        }
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            {"params": abstract_params, "opt": abstract_opt, "step": jax.ShapeDtypeStruct((), jnp.int32)},
+            self.state_sharding,
+        )
+        self.batch_sharding = NamedSharding(self.mesh, sharding.logical_to_spec(("batch",), self.rules))
+        # Separate random streams for training steps and evaluation, each folded with a counter.
+        self.train_key = jax.random.fold_in(jax.random.key(config.seed), 0)
+        self.eval_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+
+        self.init = jax.jit(self._init, out_shardings=self.state_sharding)
+        self.train_step = jax.jit(
+            self._train_step, out_shardings=(self.state_sharding, replicated), donate_argnums=0
+        )
+        self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
+
+    # -- pure functions, traced under the sharding rules ------------------------------------
+
+    def _init(self) -> dict:
+        model = models.build(self.family, self.model_cfg, self.config.seed)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return {"params": params, "opt": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    def _loss(self, params: dict, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+        model = nnx.merge(self.graphdef, params)
+        return self.method.loss(model, batch, key, self.config, train=True)
+
+    def _train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        step = state["step"]
+        key = jax.random.fold_in(self.train_key, step)  # a function of the step alone: exact resume
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        accum = self.config.get("grad_accum_steps", 1)
+        if accum == 1:
+            (_, metrics), grads = grad_fn(state["params"], batch, key)
+        else:
+            # Microbatch a takes rows a, a+accum, ...: each device keeps its share of every microbatch.
+            micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+            def accumulate(carry, xs):
+                i, mb = xs
+                (_, m), g = grad_fn(state["params"], mb, jax.random.fold_in(key, i))
+                return jax.tree.map(jnp.add, carry, (g, m)), None
+
+            zeros = jax.eval_shape(lambda: grad_fn(state["params"], jax.tree.map(lambda x: x[0], micro), key))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
+            (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
+            grads, metrics = jax.tree.map(lambda x: x / accum, (grads, metrics))
+        updates, opt_state = self.tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = dict(metrics, learning_rate=self.lr(step), grad_norm=optax.global_norm(grads))
+        return {"params": params, "opt": opt_state, "step": step + 1}, metrics
+
+    def _eval_step(self, params: dict, batch: dict, index: jax.Array) -> dict:
+        # A fixed key per eval batch: the eval masks are the same at every evaluation.
+        key = jax.random.fold_in(self.eval_key, index)
+        model = nnx.merge(self.graphdef, params)
+        return self.method.loss(model, batch, key, self.config, train=False)[1]
+
+    # -- host side ----------------------------------------------------------------------------
+
+    def put_batch(self, local: dict) -> dict:
+        return loaders.to_global(local, None, self.batch_sharding)
+
+
+def _checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.get("keep_checkpoints", 3), enable_async_checkpointing=True, create=True
+    )
+    return ocp.CheckpointManager(
+        workdir.absolute() / "checkpoints", options=options, item_names=("params", "opt", "data", "model")
+    )
+
+
+class _Preemption:
+    """SIGTERM (how a preempted TPU VM is stopped) sets a flag; the loop saves and exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def check(self, step: int) -> bool:
+        if jax.process_count() > 1:  # every host must agree on the step it stops at
+            from jax.experimental import multihost_utils
+
+            return self.requested or multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per logged step) + TensorBoard event files (process 0)."""
+
+    def __init__(self, workdir: Path):
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self.file = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, values: dict, prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _to_python(v) for k, v in values.items()}}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for k, v in row.items():
+            if k != "step" and isinstance(v, int | float):
+                self.tb.add_scalar(prefix + k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+def _to_python(v: Any) -> Any:
+    v = np.asarray(v) if hasattr(v, "shape") else v
+    return v.item() if isinstance(v, np.ndarray) else v
+
+
+def evaluate(trainer: Trainer, params: dict, config: ml_collections.ConfigDict) -> dict:
+    """Mean of the family's metrics over `config.eval_batches` held-out batches."""
+    loader = loaders.make(config, "eval", start_step=0)
+    totals: dict[str, float] = {}
+    n = config.get("eval_batches", 4)
+    for i in range(n):
+        m = jax.device_get(trainer.eval_step(params, trainer.put_batch(next(loader)), jnp.int32(i)))
+        for k, v in m.items():
+            totals[k] = totals.get(k, 0.0) + float(v) / n
+    return totals
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Train (or resume) the run in `workdir`; return the last logged metrics."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config)
+    spec = {"family": trainer.family, "config": models.config_to_dict(trainer.model_cfg)}
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    with sharding.use_rules(trainer.mesh, trainer.rules), _checkpoint_manager(workdir, config) as mngr:
+        latest = mngr.latest_step()
+        if latest is None:
+            state = trainer.init()
+            loader = loaders.make(config, "train", start_step=0)
+        else:
+            restored = mngr.restore(
+                latest,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(trainer.abstract_state["params"]),
+                    opt=ocp.args.StandardRestore(
+                        {"opt": trainer.abstract_state["opt"], "step": trainer.abstract_state["step"]}
+                    ),
+                    data=ocp.args.JsonRestore(),
+                ),
+            )
+            state = {"params": restored.params, "opt": restored.opt["opt"], "step": restored.opt["step"]}
+            loader = loaders.make(config, "train", start_step=0)
+            loader.set_state(restored.data)
+            print(f"resumed from step {latest}", flush=True)
+
+        def save(step: int, state: dict) -> None:
+            mngr.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(state["params"]),
+                    opt=ocp.args.StandardSave({"opt": state["opt"], "step": state["step"]}),
+                    data=ocp.args.JsonSave(loader.get_state()),
+                    model=ocp.args.JsonSave(spec),
+                ),
+                force=True,
+            )
+
+        writer = MetricsWriter(workdir)
+        preemption = _Preemption()
+        step = int(jax.device_get(state["step"]))
+        start_step, start_time = step, time.perf_counter()
+        last: dict = {}
+        try:
+            while step < config.total_steps:
+                batch = trainer.put_batch(next(loader))
+                state, metrics = trainer.train_step(state, batch)
+                step += 1
+                if step % config.log_every == 0 or step == config.total_steps:
+                    elapsed = time.perf_counter() - start_time
+                    rate = (step - start_step) / max(elapsed, 1e-9)
+                    last = dict(jax.device_get(metrics))
+                    last.update(
+                        examples_per_sec=rate * config.global_batch_size,
+                        skipped_records=loader.get_state().get("skipped", 0),
+                    )
+                    writer.write(step, last)
+                    eta = (config.total_steps - step) / max(rate, 1e-9)
+                    print(
+                        f"step {step}/{config.total_steps}  loss {float(last['loss']):.4f}  "
+                        f"{rate:.2f} steps/s  ETA {eta:.0f}s",
+                        flush=True,
+                    )
+                if step % config.eval_every == 0 or step == config.total_steps:
+                    ev = evaluate(trainer, state["params"], config)
+                    writer.write(step, {"split": "eval", **{f"eval_{k}": v for k, v in ev.items()}}, "")
+                    last.update({f"eval_{k}": v for k, v in ev.items()})
+                if step % config.checkpoint_every == 0 or step == config.total_steps:
+                    save(step, state)
+                if preemption.check(step):
+                    print(f"SIGTERM: saving step {step} and exiting", flush=True)
+                    save(step, state)
+                    break
+            mngr.wait_until_finished()
+        finally:
+            preemption.restore()
+            writer.close()
+    if step >= config.total_steps and jax.process_index() == 0:
+        trainer.method.report(trainer, state, config, workdir)
+    return last
