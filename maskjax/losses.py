@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 
-def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     """Σ w·v / Σ w, and 0 when Σ w = 0."""
     weights = weights.astype(jnp.float32)
     total = weights.sum()
@@ -32,13 +32,13 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Arr
     """
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return _weighted_mean(nll, weights)
+    return weighted_mean(nll, weights)
 
 
 def masked_accuracy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
     """Fraction of weighted positions where argmax(logits) == target (0 if none)."""
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return _weighted_mean(correct, weights)
+    return weighted_mean(correct, weights)
 
 
 def normalized_pixels(target: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -62,7 +62,7 @@ def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, norm_pix: bool
     if norm_pix:
         target = normalized_pixels(target)
     per_patch = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)).mean(-1)
-    return _weighted_mean(per_patch, mask)
+    return weighted_mean(per_patch, mask)
 
 
 def nsp_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:

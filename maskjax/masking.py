@@ -692,7 +692,7 @@ def beit_block_mask_with_blocks(
     max_attempts: int = 2048,
     proposals_per_step: int = 64,
 ) -> BeitBlocks:
-    """BEiT block-wise masking (Bao et al. 2022, Sec. 2.5 and Algorithm 1), with the blocks placed.
+    """BEiT blockwise masking (Bao et al. 2022, Sec. 2.3 and Algorithm 1), with the blocks placed.
 
     Algorithm 1 repeats: block area s ~ U[16, budget left], aspect r in [0.3, 1/0.3], a = sqrt(s r),
     b = sqrt(s / r), random top-left, add the block; BEiT masks 75 patches of 14x14 (the reference's

@@ -104,6 +104,10 @@ class Trainer:
         self.train_key = jax.random.fold_in(jax.random.key(config.seed), 0)
         self.eval_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
+        # Frozen inputs of the loss, e.g. BEiT's visual tokenizer: replicated, never trained.
+        extras = getattr(self.method, "extras", lambda _: None)(config)
+        self.extras = jax.device_put(extras, replicated)
+
         self.init = jax.jit(self._init, out_shardings=self.state_sharding)
         self.train_step = jax.jit(
             self._train_step, out_shardings=(self.state_sharding, replicated), donate_argnums=0
@@ -117,27 +121,28 @@ class Trainer:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {"params": params, "opt": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    def _loss(self, params: dict, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+    def _loss(self, params: dict, batch: dict, key: jax.Array, extras: Any) -> tuple[jax.Array, dict]:
         model = nnx.merge(self.graphdef, params)
-        return self.method.loss(model, batch, key, self.config, train=True)
+        return self.method.loss(model, batch, key, self.config, train=True, extras=extras)
 
-    def _train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+    def _train_step(self, state: dict, batch: dict, extras: Any) -> tuple[dict, dict]:
         step = state["step"]
         key = jax.random.fold_in(self.train_key, step)  # a function of the step alone: exact resume
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         accum = self.config.get("grad_accum_steps", 1)
         if accum == 1:
-            (_, metrics), grads = grad_fn(state["params"], batch, key)
+            (_, metrics), grads = grad_fn(state["params"], batch, key, extras)
         else:
             # Microbatch a takes rows a, a+accum, ...: each device keeps its share of every microbatch.
             micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
             def accumulate(carry, xs):
                 i, mb = xs
-                (_, m), g = grad_fn(state["params"], mb, jax.random.fold_in(key, i))
+                (_, m), g = grad_fn(state["params"], mb, jax.random.fold_in(key, i), extras)
                 return jax.tree.map(jnp.add, carry, (g, m)), None
 
-            zeros = jax.eval_shape(lambda: grad_fn(state["params"], jax.tree.map(lambda x: x[0], micro), key))
+            first = jax.tree.map(lambda x: x[0], micro)
+            zeros = jax.eval_shape(lambda: grad_fn(state["params"], first, key, extras))
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
             (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
             grads, metrics = jax.tree.map(lambda x: x / accum, (grads, metrics))
@@ -146,11 +151,11 @@ class Trainer:
         metrics = dict(metrics, learning_rate=self.lr(step), grad_norm=optax.global_norm(grads))
         return {"params": params, "opt": opt_state, "step": step + 1}, metrics
 
-    def _eval_step(self, params: dict, batch: dict, index: jax.Array) -> dict:
+    def _eval_step(self, params: dict, batch: dict, index: jax.Array, extras: Any) -> dict:
         # A fixed key per eval batch: the eval masks are the same at every evaluation.
         key = jax.random.fold_in(self.eval_key, index)
         model = nnx.merge(self.graphdef, params)
-        return self.method.loss(model, batch, key, self.config, train=False)[1]
+        return self.method.loss(model, batch, key, self.config, train=False, extras=extras)[1]
 
     # -- host side ----------------------------------------------------------------------------
 
@@ -226,7 +231,9 @@ def evaluate(trainer: Trainer, params: dict, config: ml_collections.ConfigDict) 
     totals: dict[str, float] = {}
     n = config.get("eval_batches", 4)
     for i in range(n):
-        m = jax.device_get(trainer.eval_step(params, trainer.put_batch(next(loader)), jnp.int32(i)))
+        m = jax.device_get(
+            trainer.eval_step(params, trainer.put_batch(next(loader)), jnp.int32(i), trainer.extras)
+        )
         for k, v in m.items():
             totals[k] = totals.get(k, 0.0) + float(v) / n
     return totals
@@ -282,7 +289,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         try:
             while step < config.total_steps:
                 batch = trainer.put_batch(next(loader))
-                state, metrics = trainer.train_step(state, batch)
+                state, metrics = trainer.train_step(state, batch, trainer.extras)
                 step += 1
                 if step % config.log_every == 0 or step == config.total_steps:
                     elapsed = time.perf_counter() - start_time

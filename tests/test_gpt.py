@@ -205,11 +205,15 @@ def test_jit_grad_finite_and_dropout():
     cfg = gpt.GptConfig(hidden=16, layers=2, heads=2, mlp_dim=32, vocab_size=VOCAB, max_length=LENGTH)
     model = _jax_model(cfg)
     ids = jnp.asarray(np.random.default_rng(4).integers(0, VOCAB, (2, 12)))
+    # Row 1 ends in 3 padding tokens whose queries attend to nothing: outputs and grads must stay finite.
+    mask = np.tril(np.ones((11, 11), bool))[None, None].repeat(2, 0)
+    mask[1, :, 8:] = False
+    mask = jnp.asarray(mask)
 
     @nnx.jit
     def loss_and_grad(model, ids, key):
         def loss(model):
-            logits = model(ids[:, :-1], dropout_key=key)["logits"]
+            logits = model(ids[:, :-1], attention_mask=mask, dropout_key=key)["logits"]
             nll = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
             return nll, logits
 
@@ -224,7 +228,7 @@ def test_jit_grad_finite_and_dropout():
     # Dropout: a function of the key alone; no key = deterministic.
     (_, again), _ = loss_and_grad(model, ids, jax.random.key(1))
     np.testing.assert_array_equal(logits, again)
-    assert _max_diff(model(ids[:, :-1])["logits"], logits) > 1e-3
+    assert _max_diff(model(ids[:, :-1], attention_mask=mask)["logits"], logits) > 1e-3
 
 
 def test_every_param_has_logical_axis_names():

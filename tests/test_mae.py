@@ -13,25 +13,13 @@ import transformers
 from flax import nnx
 from safetensors.numpy import save_file
 
-from maskjax import losses
+from maskjax import losses, masking
 from maskjax.interop import mae as mae_interop
 from maskjax.models import vit
 
 TOL = 1e-4
 BATCH, IMAGE, PATCH, CHANNELS = 3, 32, 8, 3
 N = (IMAGE // PATCH) ** 2
-
-
-def _mask_from_noise(noise: jax.Array, ratio: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """MAE reference `random_masking`: argsort noise, keep the first int(N·(1−ratio)), 1 = removed."""
-    n = noise.shape[1]
-    keep = int(n * (1 - ratio))
-    ids_shuffle = jnp.argsort(noise, axis=1)
-    ids_restore = jnp.argsort(ids_shuffle, axis=1)
-    mask = jnp.take_along_axis(
-        jnp.broadcast_to(jnp.arange(n) >= keep, noise.shape).astype(jnp.float32), ids_restore, axis=1
-    )
-    return ids_shuffle[:, :keep], mask, ids_restore
 
 
 def _hf_config(**overrides) -> transformers.ViTMAEConfig:
@@ -163,7 +151,7 @@ def test_parity_with_transformers(hf_model, converted, inputs):
     cfg, params = converted
     images, noise = inputs
     expected = _hf_forward(hf_model, images, noise)
-    ids_keep, mask, ids_restore = _mask_from_noise(jnp.asarray(noise), cfg.mask_ratio)
+    ids_keep, mask, ids_restore = masking.mae_mask_from_noise(jnp.asarray(noise), cfg.mask_ratio)
     np.testing.assert_array_equal(np.asarray(ids_restore), expected["ids_restore"])
     np.testing.assert_array_equal(np.asarray(mask), expected["mask"])
 
@@ -326,7 +314,7 @@ def test_scan_and_unrolled_agree(converted, inputs):
     cfg, params = converted
     assert cfg.scan_layers
     images, noise = jnp.asarray(inputs[0]), jnp.asarray(inputs[1])
-    ids_keep, _, ids_restore = _mask_from_noise(noise, cfg.mask_ratio)
+    ids_keep, _, ids_restore = masking.mae_mask_from_noise(noise, cfg.mask_ratio)
     scanned = _forward(_build(vit.Mae, cfg, params), images, ids_keep, ids_restore)
     unrolled_cfg = vit.MaeConfig(**(vars(cfg) | dict(scan_layers=False)))
     unrolled = _forward(_build(vit.Mae, unrolled_cfg, params), images, ids_keep, ids_restore)
@@ -357,7 +345,7 @@ def test_jit_grad_finite_reaches_every_param_and_dropout(converted, inputs):
     )
     graphdef, state = nnx.split(_build(vit.Mae, cfg, params))
     images, noise = jnp.asarray(inputs[0]), jnp.asarray(inputs[1])
-    ids_keep, mask, ids_restore = _mask_from_noise(noise, cfg.mask_ratio)
+    ids_keep, mask, ids_restore = masking.mae_mask_from_noise(noise, cfg.mask_ratio)
 
     @jax.jit
     @jax.value_and_grad
@@ -401,7 +389,7 @@ def test_every_param_has_logical_axis_names():
         assert len(spec) == len(shape.shape) and all(name is not None for name in spec), (path, spec)
     assert nnx.get_partition_spec(nnx.state(model, nnx.Param))["encoder"]["blocks"]["attn"]["query"][
         "kernel"
-    ].value == jax.sharding.PartitionSpec("layers", "embed", "heads", "kv")
+    ].get_value() == jax.sharding.PartitionSpec("layers", "embed", "heads", "kv")
 
 
 # ---------------------------------------------------------------------------- ViT classifier

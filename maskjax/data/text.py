@@ -114,8 +114,8 @@ def bert_examples(
     """BERT pre-training pairs, following Google BERT's create_pretraining_data.py.
 
     Per document: a target length of max_length - 3 tokens, or with probability
-    short_seq_prob a uniform one in [2, max_length - 3] (Devlin et al. 2019,
-    A.2: "we use shorter sequences with 10% probability"). Whole sentences are
+    short_seq_prob a uniform one in [2, max_length - 3] (the script's default
+    0.1: some short inputs lessen the mismatch with fine-tuning). Whole sentences are
     gathered until the target is reached; a random prefix of them (>= 1
     sentence) is segment A. With nsp, half of the time (and always when the
     chunk is a single sentence) B is taken from a random other document
@@ -132,7 +132,8 @@ def bert_examples(
     nsp=False: B is always the actual continuation (label 0); a one-sentence
     chunk gives `[CLS] A [SEP]` alone. Documents with no tokens are ignored.
     `dupe_factor` repeats the whole pass with fresh randomness, as the
-    original script did (there, also to vary its static masks).
+    original script did (there, also to vary its static masks). word_starts_fn
+    None: every token is its own word (no whole-word masking).
     """
     if max_length < 5:
         raise ValueError(f"max_length must be >= 5 for [CLS] A [SEP] B [SEP]; got {max_length}")

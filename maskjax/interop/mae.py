@@ -274,4 +274,4 @@ def params_to_hf(params: Mapping, cfg: MaeConfig) -> dict[str, np.ndarray]:
         out |= {f"{hf}.weight": arr(params[ours]["kernel"]).T, f"{hf}.bias": arr(params[ours]["bias"])}
     out |= stack_to_hf(params["encoder"], "vit.layers.", cfg)
     out |= stack_to_hf(params["decoder"], "decoder.decoder_layers.", decoder_config(cfg))
-    return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+    return {k: np.array(v, np.float32, order="C") for k, v in out.items()}  # fresh, writable copies

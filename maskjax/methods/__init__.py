@@ -1,8 +1,10 @@
 """One short module per family: its masking strategy + model + loss, and nothing else.
 
 Each module provides
-  loss(model, batch, key, config, *, train) -> (loss, metrics)   pure; runs inside the jitted step
-  report(trainer, state, config, workdir) -> None                 after the last step (baselines, figures)
+  loss(model, batch, key, config, *, train, extras) -> (loss, metrics)   pure; runs inside the jitted step
+  report(trainer, state, config, workdir)       after the last step: baselines, figures
+and optionally
+  extras(config) -> pytree                      frozen inputs of the loss (BEiT: the tokenizer's params)
 This is the place a paper reader looks: the five differ only where the papers differ.
 """
 

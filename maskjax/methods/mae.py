@@ -22,7 +22,9 @@ from maskjax import losses, masking
 from maskjax.models import vit
 
 
-def loss(model: vit.Mae, batch: dict, key: jax.Array, config: Any, *, train: bool) -> tuple[jax.Array, dict]:
+def loss(
+    model: vit.Mae, batch: dict, key: jax.Array, config: Any, *, train: bool, extras: Any = None
+) -> tuple[jax.Array, dict]:
     cfg = model.cfg
     images = batch["image"]  # (B, H, W, C), normalised
     k_mask, k_drop = jax.random.split(key)

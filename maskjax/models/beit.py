@@ -10,9 +10,10 @@ predicts the visual token of each masked patch (Sec. 2.3, Eq. 1):
     xl = Block_l(x_{l-1}, bias=B_rel)           pre-LN, layer scale γ, shared relative bias
     hidden = xL;  logits_i = W_head · LN(hidden_i) + b   at the masked positions i only
 
-B_rel is one relative-position-bias table shared by all layers (Sec. 2.5 /
-appendix), looked up with an index that also has three special entries for
-[CLS]→patch, patch→[CLS] and [CLS]→[CLS] ((2h-1)(2w-1)+3 rows, h×w the patch grid).
+B_rel is one relative-position-bias table shared by all layers in pre-training
+(appendix; per-layer tables only in fine-tuning), looked up with an index that
+also has three special entries for [CLS]→patch, patch→[CLS] and [CLS]→[CLS]
+((2h-1)(2w-1)+3 rows, h×w the patch grid).
 
 Images are NHWC (B, H, W, C); a patch is flattened in (row, column, channel)
 order, so the patch embedding is a Dense on `vit.patchify(images, p)` — the same
@@ -37,7 +38,6 @@ from flax import nnx
 from maskjax.models import layers
 from maskjax.models.vit import patchify, unpatchify
 from maskjax.sharding import constrain
-
 
 # ----------------------------------------------------------------------------- BEiT
 
@@ -149,8 +149,8 @@ class Beit(nnx.Module):
             d, rngs=rngs, eps=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype
         )
         self.head = layers.Dense(d, cfg.codebook_size, ("embed", "vocab"), **kw)
-        # BEiT's released code (`fix_init_weight`): the residual-writing projections of layer l
-        # (attention output, second MLP matrix) start scaled by 1/√(2l), l = 1..L.
+        # BEiT paper Sec. 2.5 (also `fix_init_weight` in its code): the last projection of each
+        # sub-layer of layer l (attention output, second MLP matrix) starts scaled by 1/√(2l), l = 1..L.
         scale = 1.0 / np.sqrt(2.0 * np.arange(1, cfg.layers + 1))
         for kernel in (self.stack.blocks.attn.out.kernel, self.stack.blocks.mlp.wo.kernel):
             value = kernel[...]

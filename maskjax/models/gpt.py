@@ -39,9 +39,8 @@ class GptConfig(layers.TransformerConfig):
     # OpenAI's released GPT-2 code initialises the position table with std 0.01 (tokens: init_std 0.02).
     position_init_std: float = 0.01
     pre_ln: bool = True
-    activation: Literal["gelu", "gelu_tanh", "relu"] = (
-        "gelu_tanh"  # GPT-2's "gelu_new": the tanh approximation of GELU
-    )
+    # GPT-2's "gelu_new": the tanh approximation of GELU.
+    activation: Literal["gelu", "gelu_tanh", "relu"] = "gelu_tanh"
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self):
@@ -118,8 +117,8 @@ class Gpt(nnx.Module):
         )
         self.stack = layers.Stack(cfg, rngs=rngs)
         self.final_ln = layers.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps, **kw)
-        # GPT-2 paper Sec. 2.3: scale the residual layers' weights by 1/√N, N = 2·L residual layers
-        # (the output projections of attention and MLP, which write into the residual stream).
+        # GPT-2 paper Sec. 2.3: scale the residual layers' weights by 1/√N. Read (as transformers and
+        # Megatron do) as N = 2·L: the attention and MLP output projections, which write into the residual.
         scale = 1.0 / np.sqrt(2 * cfg.layers)
         for kernel in (self.stack.blocks.attn.out.kernel, self.stack.blocks.mlp.wo.kernel):
             kernel[...] = kernel[...] * scale

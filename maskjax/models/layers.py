@@ -152,7 +152,13 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """x (..., D) -> logits (..., V) = x · Eᵀ."""
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        # Accumulate in float32: logits feed a softmax over the whole vocabulary.
+        return jnp.einsum(
+            "...d,vd->...v",
+            x.astype(self.dtype),
+            self.embedding[...].astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
 
 
 class LayerNorm(nnx.Module):
@@ -365,5 +371,5 @@ class Stack(nnx.Module):
             x, _ = jax.lax.scan(body, x, (stacked, keys))
         else:
             for i in range(self.cfg.layers):
-                x, _ = body(x, jax.tree.map(lambda a: a[i], (stacked, keys)))
+                x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], (stacked, keys)))
         return x
