@@ -7,6 +7,7 @@ export-hf  --workdir=DIR --out=D     maskjax checkpoint -> transformers director
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 
@@ -38,6 +39,77 @@ def _train() -> None:
     if FLAGS.config is None or not FLAGS.workdir:
         raise UsageError("train needs --config=FILE and --workdir=DIR")
     train.train(FLAGS.config, FLAGS.workdir)
+
+
+def _prepare_text_flags() -> None:
+    flags.DEFINE_string("inputs", None, "A folder, file or glob of local text files.")
+    flags.DEFINE_string("out", None, "Folder for the tokenizer, the tfds datasets and prepare.json.")
+    flags.DEFINE_enum("layout", "bert", ["bert", "roberta", "gpt"], "Which paper's examples to build.")
+    flags.DEFINE_list("max_length", ["128"], "Example length(s); BERT's two phases: 128,512.")
+    flags.DEFINE_string("tokenizer", None, "An existing tokenizer (folder, vocab.txt, tokenizer.json).")
+    flags.DEFINE_integer("vocab_size", None, "Entries of a newly trained tokenizer.")
+    flags.DEFINE_enum("documents", "file", ["file", "blank_line"], "One document per file, or per paragraph.")
+    flags.DEFINE_float("validation_fraction", 0.05, "Share of documents held out.")
+    flags.DEFINE_integer("seed", 0, "Seed of the document split and the NSP pairing.")
+
+
+def _prepare_text() -> None:
+    from maskjax.data import text_datasets
+
+    if not FLAGS.inputs or not FLAGS.out:
+        raise UsageError("prepare-text needs --inputs=DIR_OR_GLOB and --out=DIR")
+    lengths = [int(x) for x in FLAGS.max_length]
+    result = text_datasets.prepare_text(
+        FLAGS.inputs,
+        FLAGS.out,
+        layout=FLAGS.layout,
+        max_length=lengths if len(lengths) > 1 else lengths[0],
+        tokenizer=FLAGS.tokenizer,
+        vocab_size=FLAGS.vocab_size,
+        documents=FLAGS.documents,
+        seed=FLAGS.seed,
+        validation_fraction=FLAGS.validation_fraction,
+    )
+    print(
+        json.dumps(
+            {k: result[k] for k in ("out_dir", "documents", "skipped", "datasets")}, indent=2, default=str
+        )
+    )
+
+
+def _benchmark_input_flags() -> None:
+    _config_flag()
+    flags.DEFINE_integer("steps", 20, "Batches to time.")
+
+
+def _benchmark_input() -> None:
+    import jax
+
+    from maskjax import train
+    from maskjax.data import loaders, pipeline
+
+    config = FLAGS.config
+    source, transform = loaders.source_and_transform(config, "train")
+    host = pipeline.benchmark_input(
+        source,
+        transform,
+        config.global_batch_size,
+        FLAGS.steps,
+        seed=config.seed,
+        num_workers=config.data.get("num_workers", 0),
+    )
+    trainer = train.Trainer(config)
+    consumed = train.benchmark_step(trainer, FLAGS.steps)
+    rows = host["local_batch"]
+    result = {
+        "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
+        "input_examples_per_sec_per_process": host["examples_per_sec"],
+        "input_tokens_per_sec_per_process": host.get("tokens_per_sec"),
+        "train_step_examples_per_sec_per_process": consumed * rows / config.global_batch_size,
+        "headroom": host["examples_per_sec"] / max(consumed * rows / config.global_batch_size, 1e-9),
+        "skipped": host["skipped"],
+    }
+    print(json.dumps(result, indent=2))
 
 
 def _import_hf_flags() -> None:
@@ -76,6 +148,8 @@ def _export_hf() -> None:
 
 COMMANDS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
     "train": (_train_flags, _train),
+    "prepare-text": (_prepare_text_flags, _prepare_text),
+    "benchmark-input": (_benchmark_input_flags, _benchmark_input),
     "import-hf": (_import_hf_flags, _import_hf),
     "export-hf": (_export_hf_flags, _export_hf),
 }

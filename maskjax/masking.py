@@ -272,9 +272,15 @@ def bert_mlm(
         chosen = jnp.zeros((T,), bool).at[top].set(jnp.arange(max_predictions) < n)
         dec = _decide(_unit(bits[1]), random_prob, keep_prob)
         return _finish_row(
-            bits[2], x, chosen, dec, max_predictions=max_predictions, vocab_size=vocab_size,
-            mask_id=mask_id, excluded=excluded,
-        )  # fmt: skip
+            bits[2],
+            x,
+            chosen,
+            dec,
+            max_predictions=max_predictions,
+            vocab_size=vocab_size,
+            mask_id=mask_id,
+            excluded=excluded,
+        )
 
     return jax.vmap(row)(_row_bits(key, B, 3 * T).reshape(B, 3, T), ids)
 
@@ -348,9 +354,15 @@ def whole_word_mlm(
         chosen = cand & picked[word_of]
         dec = _decide(_unit(bits[1]), random_prob, keep_prob)
         return _finish_row(
-            bits[2], x, chosen, dec, max_predictions=max_predictions, vocab_size=vocab_size,
-            mask_id=mask_id, excluded=excluded,
-        )  # fmt: skip
+            bits[2],
+            x,
+            chosen,
+            dec,
+            max_predictions=max_predictions,
+            vocab_size=vocab_size,
+            mask_id=mask_id,
+            excluded=excluded,
+        )
 
     bits = _row_bits(key, B, 3 * T).reshape(B, 3, T)
     return jax.vmap(row)(bits, ids, word_starts.astype(bool))
@@ -456,9 +468,16 @@ def _span_plan(
         n = table[cand.sum()]
         # Every active step adds >= 1 token and n <= P, so P steps always suffice.
         return _span_plan_row(
-            k, cand, ws, n, steps=max_predictions, cdf=cdf, max_span=max_span,
-            random_prob=random_prob, keep_prob=keep_prob,
-        )  # fmt: skip
+            k,
+            cand,
+            ws,
+            n,
+            steps=max_predictions,
+            cdf=cdf,
+            max_span=max_span,
+            random_prob=random_prob,
+            keep_prob=keep_prob,
+        )
 
     return jax.vmap(row)(_row_keys(key, B), ids, word_starts.astype(bool))
 
@@ -481,28 +500,45 @@ def span_mlm(
 ) -> MlmMask:
     """SpanBERT span masking (Joshi et al. 2020, Sec. 3.1).
 
-    Repeat until the budget n = min(P, ceil(mask_prob * #candidates)) is spent: draw a length
-    l in words from Geo(0.2) truncated to [1, 10] (:func:`span_length_probs`), draw a start at a
-    word start, mask the l complete words from there. The whole span gets one 80/10/10 decision
-    (all [MASK], all random tokens, or all kept). Differences from the reference code, all to keep
-    whole words: the last span is shortened to the whole words that fit, and a start whose word
-    does not fit is not drawn; so a row can end a few tokens below n when no remaining word fits.
-    Random tokens are uniform over the non-special vocabulary (the reference samples the corpus's
-    unigram distribution). One lax.scan of P steps per row.
+    Repeat until the budget n = min(P, ceil(mask_prob * #candidates)) is spent: draw a length l in
+    words from Geo(0.2) truncated to [1, 10] (:func:`span_length_probs`); draw a start at a word
+    start (a uniform unmasked token snapped to its word's start, as the reference code does, so
+    longer words are likelier starts); mask the l complete words from there. The whole span gets
+    one 80/10/10 decision (all [MASK], all random tokens, or all kept).
+
+    Differences from the reference code, all to keep whole words: the last span is shortened to
+    the whole words that fit, and a start whose word does not fit is never drawn; so a row can end
+    a few tokens below n when no remaining word fits. Random tokens are uniform over the
+    non-special vocabulary (the reference samples the corpus's unigram distribution). One lax.scan
+    of P steps per row.
     """
     B, T = ids.shape
     plan = _span_plan(
-        key, ids, word_starts, special_ids=special_ids, pad_id=pad_id, max_predictions=max_predictions,
-        mask_prob=mask_prob, random_prob=random_prob, keep_prob=keep_prob, geometric_p=geometric_p,
+        key,
+        ids,
+        word_starts,
+        special_ids=special_ids,
+        pad_id=pad_id,
+        max_predictions=max_predictions,
+        mask_prob=mask_prob,
+        random_prob=random_prob,
+        keep_prob=keep_prob,
+        geometric_p=geometric_p,
         max_span=max_span,
-    )  # fmt: skip
+    )
     excluded = _excluded(vocab_size, special_ids, pad_id, mask_id)
 
     def row(bits, x, chosen, dec):
         return _finish_row(
-            bits, x, chosen, dec, max_predictions=max_predictions, vocab_size=vocab_size,
-            mask_id=mask_id, excluded=excluded,
-        )  # fmt: skip
+            bits,
+            x,
+            chosen,
+            dec,
+            max_predictions=max_predictions,
+            vocab_size=vocab_size,
+            mask_id=mask_id,
+            excluded=excluded,
+        )
 
     tok_bits = _row_bits(jax.random.fold_in(key, 1 << 30), B, T)
     return jax.vmap(row)(tok_bits, ids, plan.chosen, plan.decision)
@@ -569,9 +605,15 @@ def roberta_mlm(
         chosen = jnp.zeros((T,), bool).at[top].set(jnp.arange(max_predictions) < n)
         dec = _decide(_unit(bits[1]), random_prob, keep_prob)
         return _finish_row(
-            bits[2], x, chosen, dec, max_predictions=max_predictions, vocab_size=vocab_size,
-            mask_id=mask_id, excluded=excluded,
-        )  # fmt: skip
+            bits[2],
+            x,
+            chosen,
+            dec,
+            max_predictions=max_predictions,
+            vocab_size=vocab_size,
+            mask_id=mask_id,
+            excluded=excluded,
+        )
 
     return jax.vmap(row)(_row_bits(key, B, 4 * T).reshape(B, 4, T), ids)
 
@@ -811,9 +853,14 @@ def random_token_mask(
         _, top = lax.top_k(_scores(bits, vr), P)
         chosen = jnp.zeros((T,), bool).at[top].set(vr[top])
         return _finish_row(
-            bits, x, chosen, jnp.full((T,), MASK, jnp.int32), max_predictions=P, vocab_size=None,
+            bits,
+            x,
+            chosen,
+            jnp.full((T,), MASK, jnp.int32),
+            max_predictions=P,
+            vocab_size=None,
             mask_id=mask_id,
-        )  # fmt: skip
+        )
 
     return jax.vmap(row)(_row_bits(key, B, T), ids, v)
 
@@ -840,9 +887,14 @@ def contiguous_block_mask(
         pos = jnp.arange(T)
         chosen = (pos >= s) & (pos < s + length) & fits.any()
         return _finish_row(
-            bits, x, chosen, jnp.full((T,), MASK, jnp.int32), max_predictions=length, vocab_size=None,
+            bits,
+            x,
+            chosen,
+            jnp.full((T,), MASK, jnp.int32),
+            max_predictions=length,
+            vocab_size=None,
             mask_id=mask_id,
-        )  # fmt: skip
+        )
 
     return jax.vmap(row)(_row_bits(key, B, T), ids, v)
 

@@ -67,12 +67,15 @@ def _opt_shardings(abstract_opt: Any, param_shardings: dict, mesh: jax.sharding.
 class Trainer:
     """Everything derived from the config, built once: mesh, shardings, jitted steps."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, devices: list | None = None):
         self.config = config
-        self.model_cfg = config_lib.validate(config, jax.device_count())
+        devices = list(jax.devices() if devices is None else devices)
+        self.model_cfg = config_lib.validate(config, len(devices))
         self.family = config.family
         self.method = methods.get(self.family)
-        self.mesh = sharding.make_mesh(config.mesh.to_dict())
+        self.mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+        if config.data.kind == "text":
+            loaders.check_tokenizer(config)
         self.rules = config_lib.rules(config)
 
         abstract_model = nnx.eval_shape(lambda: models.build(self.family, self.model_cfg, config.seed))
@@ -239,11 +242,26 @@ def evaluate(trainer: Trainer, params: dict, config: ml_collections.ConfigDict) 
     return totals
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Train (or resume) the run in `workdir`; return the last logged metrics."""
+def benchmark_step(trainer: Trainer, steps: int) -> float:
+    """Examples/s the compiled train step consumes (global), on a fixed batch, after one warm-up step."""
+    config = trainer.config
+    with sharding.use_rules(trainer.mesh, trainer.rules):
+        batch = trainer.put_batch(next(loaders.make(config, "train")))
+        state = trainer.init()
+        state, metrics = trainer.train_step(state, batch, trainer.extras)
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = trainer.train_step(state, batch, trainer.extras)
+        jax.block_until_ready(metrics)
+    return steps * config.global_batch_size / (time.perf_counter() - start)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, devices: list | None = None) -> dict:
+    """Train (or resume) the run in `workdir` on `devices` (default: all); return the last logged metrics."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config)
+    trainer = Trainer(config, devices)
     spec = {"family": trainer.family, "config": models.config_to_dict(trainer.model_cfg)}
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))

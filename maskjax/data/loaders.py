@@ -76,24 +76,16 @@ def tokenizer(config: ml_collections.ConfigDict):
     return text_datasets.open_text_dataset(_text_dir(config.data), "train")[1]
 
 
-def make(
-    config: ml_collections.ConfigDict,
-    split: str,
-    *,
-    start_step: int = 0,
-    process_index: int | None = None,
-    process_count: int | None = None,
-) -> pipeline.Loader:
-    """split "train": the shuffled, augmented, resumable stream; "eval": held-out data in a fixed order."""
+def source_and_transform(config: ml_collections.ConfigDict, split: str) -> tuple[Any, Any]:
+    """The tfds data source of `split` ("train" or "eval") and its per-example transform."""
     data = config.data
     train = split == "train"
     split_name = data.get("train_split", "train") if train else data.get("eval_split", "validation")
     if data.kind == "image":
         source, mean, std = _image_source(data, split_name)
-        size = data.image_size
         if train:
             transform = images.train_transform(
-                size,
+                data.image_size,
                 mean,
                 std,
                 scale=tuple(data.get("scale", (0.2, 1.0))),
@@ -103,15 +95,30 @@ def make(
             )
         else:
             transform = images.eval_transform(
-                size, mean, std, crop_pct=data.get("crop_pct", 0.875), channels=data.get("channels")
+                data.image_size,
+                mean,
+                std,
+                crop_pct=data.get("crop_pct", 0.875),
+                channels=data.get("channels"),
             )
-    elif data.kind == "text":
+        return source, transform
+    if data.kind == "text":
         from maskjax.data import text_datasets
 
-        source, _ = text_datasets.open_text_dataset(_text_dir(data), split_name)
-        transform = None
-    else:
-        raise ValueError(f"data.kind must be one of image, text; got {data.kind!r}")
+        return text_datasets.open_text_dataset(_text_dir(data), split_name)[0], None
+    raise ValueError(f"data.kind must be one of image, text; got {data.kind!r}")
+
+
+def make(
+    config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> pipeline.Loader:
+    """split "train": the shuffled, augmented, resumable stream; "eval": held-out data in a fixed order."""
+    source, transform = source_and_transform(config, split)
     return pipeline.Loader(
         source,
         global_batch=config.global_batch_size,
@@ -120,9 +127,25 @@ def make(
         process_index=process_index,
         process_count=process_count,
         start_step=start_step,
-        num_workers=data.get("num_workers", 0),
-        shuffle=train,
+        num_workers=config.data.get("num_workers", 0),
+        shuffle=split == "train",
     )
+
+
+def check_tokenizer(config: ml_collections.ConfigDict) -> None:
+    """A text config's masking ids and vocabulary must be those of its prepared tokenizer."""
+    from maskjax.config import ConfigError
+    from maskjax.data import text_datasets
+
+    tok = text_datasets.open_text_dataset(_text_dir(config.data), "train")[1]
+    if config.model.vocab_size < tok.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={config.model.vocab_size} < the tokenizer's {tok.vocab_size} entries"
+        )
+    masking = config.get("masking", {})
+    for field, actual in (("mask_id", tok.mask_id), ("pad_id", tok.pad_id)):
+        if field in masking and masking[field] != actual:
+            raise ConfigError(f"masking.{field}={masking[field]} but the tokenizer's is {actual}")
 
 
 def first_batches(config: ml_collections.ConfigDict, split: str, n: int) -> dict[str, np.ndarray]:

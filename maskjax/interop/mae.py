@@ -228,7 +228,8 @@ def params_from_hf(state_dict: Mapping[str, np.ndarray], cfg: MaeConfig) -> dict
             got = sd[name].reshape(-1, dim) if sd[name].size == want.size else None
             if got is None or np.abs(got - want).max() > 1e-4:
                 warnings.warn(
-                    f"{name} is not the fixed 2-D sin-cos table that maskjax computes; it is ignored",
+                    f"{name} is not the fixed 2-D sin-cos table that maskjax computes; it is ignored "
+                    "(released checkpoints hold it; a freshly constructed transformers ViTMAE holds zeros)",
                     stacklevel=2,
                 )
 

@@ -373,7 +373,7 @@ class Vit(nnx.Module):
                 rngs,
                 jax.nn.initializers.normal(cfg.init_std),
                 (cfg.num_patches + 1, cfg.hidden),
-                ("length", "embed"),
+                ("position", "embed"),
                 cfg.param_dtype,
             )
             if cfg.pos_embed == "learned"

@@ -1,0 +1,248 @@
+"""The training engine, run for real on 8 emulated CPU devices: every family, two meshes,
+exact resume after SIGKILL, SIGTERM, a kill during an async checkpoint, and 8 -> 4 devices."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from tiny_configs import FAMILIES, tiny
+
+from maskjax import train
+from maskjax.config import ConfigError
+from maskjax.data import text_datasets
+
+MESHES = {
+    "data_parallel": {"data": -1, "fsdp": 1, "tensor": 1},
+    "fsdp_x_tensor": {"data": 1, "fsdp": 4, "tensor": 2},
+}
+
+
+def rows(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    """Training loss per step; a step logged twice (a resumed run) keeps its last value."""
+    return {r["step"]: r["loss"] for r in rows(workdir) if r.get("split") != "eval"}
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A real text corpus (CPython's bundled language reference) and BEiT's trained tokenizer."""
+    d = tmp_path_factory.mktemp("data")
+    text_datasets.demo_corpus(d, "python-docs")
+    train.train(tiny("vqvae", d, total_steps=4), d / "vqvae")
+    return d
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_trains_on_8_devices(family, mesh, data_dir, tmp_path):
+    config = tiny(family, data_dir, total_steps=3, eval_every=3, checkpoint_every=3, mesh=MESHES[mesh])
+    train.train(config, tmp_path)
+    logged = rows(tmp_path)
+    steps = [r for r in logged if r.get("split") != "eval"]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert math.isfinite(r["loss"]) and r["learning_rate"] >= 0 and r["examples_per_sec"] > 0
+    evals = [r for r in logged if r.get("split") == "eval"]
+    assert evals and math.isfinite(evals[0]["eval_loss"])
+    if family in ("bert", "roberta"):
+        assert 0.0 <= steps[-1]["mlm_accuracy"] <= 1.0
+    assert (tmp_path / "checkpoints" / "3").is_dir()
+    assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_parameters_are_sharded_by_logical_names(data_dir):
+    trainer = train.Trainer(tiny("bert", data_dir, mesh=MESHES["fsdp_x_tensor"]))
+    params = trainer.state_sharding["params"]
+    query = params["encoder"]["blocks"]["attn"]["query"]["kernel"].spec  # (layers, embed, heads, kv)
+    assert tuple(query) == (None, "fsdp", "tensor", None)
+    wi = params["encoder"]["blocks"]["mlp"]["wi"]["kernel"].spec  # (layers, embed, mlp)
+    assert tuple(wi) == (None, "fsdp", "tensor")
+    mu = trainer.state_sharding["opt"][1][0].mu["encoder"]["blocks"]["mlp"]["wi"]["kernel"]
+    assert mu.spec == wi, "Adam's moments must follow their parameter's sharding"
+    assert trainer.batch_sharding.spec[0] == ("data", "fsdp")
+
+
+@pytest.mark.parametrize("family", ["mae", "bert"])
+def test_data_parallel_losses_equal_single_device(family, data_dir, tmp_path):
+    config = tiny(family, data_dir, total_steps=4, eval_every=100, checkpoint_every=100)
+    train.train(config, tmp_path / "8")
+    train.train(config, tmp_path / "1", devices=jax.devices()[:1])
+    eight, one = losses(tmp_path / "8"), losses(tmp_path / "1")
+    assert list(eight) == [1, 2, 3, 4]
+    np.testing.assert_allclose([eight[s] for s in eight], [one[s] for s in eight], rtol=2e-5)
+
+
+def test_checkpoint_saved_on_8_devices_restores_on_4(data_dir, tmp_path):
+    config = tiny("mae", data_dir, total_steps=6, checkpoint_every=3, eval_every=100)
+    train.train(config, tmp_path / "reference")
+    first = tiny("mae", data_dir, total_steps=3, checkpoint_every=3, eval_every=100)
+    train.train(first, tmp_path / "moved")
+    train.train(config, tmp_path / "moved", devices=jax.devices()[:4])
+    reference, moved = losses(tmp_path / "reference"), losses(tmp_path / "moved")
+    np.testing.assert_allclose([moved[s] for s in (4, 5, 6)], [reference[s] for s in (4, 5, 6)], rtol=2e-5)
+
+
+def test_gradient_accumulation_remat_unrolled_bf16_switches(data_dir, tmp_path):
+    config = tiny("gpt", data_dir, total_steps=2, eval_every=2, checkpoint_every=2)
+    config.grad_accum_steps = 2
+    config.model.update(remat="full", scan_layers=False, dtype="bfloat16")
+    train.train(config, tmp_path)
+    assert all(math.isfinite(loss) for loss in losses(tmp_path).values())
+
+
+# ---------------------------------------------------------------------------- the CLI, as a user runs it
+
+
+def _config_file(tmp_path: Path, family: str, data_dir: Path, **overrides) -> Path:
+    path = tmp_path / f"{family}_config.py"
+    tests = Path(__file__).parent
+    path.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(tests)!r})\n"
+        "from pathlib import Path\n"
+        "from tiny_configs import tiny\n\n"
+        "def get_config():\n"
+        f"    return tiny({family!r}, Path({str(data_dir)!r}), **{overrides!r})\n"
+    )
+    return path
+
+
+def _train_command(config: Path, workdir: Path) -> list[str]:
+    return [sys.executable, "-m", "maskjax", "train", f"--config={config}", f"--workdir={workdir}"]
+
+
+def _run_until(command: list[str], until, sig: int) -> subprocess.Popen:
+    """Start `command`, send `sig` as soon as until() holds, and return the finished process."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not until():
+        assert proc.poll() is None, f"the run ended before the signal:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, "timed out waiting for the run"
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return proc
+
+
+def _logged_step(workdir: Path) -> int:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    done = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+    return max(done, default=0)
+
+
+RESUME = dict(total_steps=24, checkpoint_every=4, eval_every=1000)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory) -> dict[int, float]:
+    """The uninterrupted run's losses, from the same command."""
+    tmp = tmp_path_factory.mktemp("reference")
+    config = _config_file(tmp, "mae", data_dir, **RESUME)
+    subprocess.run(_train_command(config, tmp / "run"), check=True, capture_output=True, timeout=600)
+    return losses(tmp / "run")
+
+
+def test_sigkill_then_restart_resumes_bit_for_bit(data_dir, reference, tmp_path):
+    config, workdir = _config_file(tmp_path, "mae", data_dir, **RESUME), tmp_path / "run"
+    proc = _run_until(_train_command(config, workdir), lambda: _logged_step(workdir) >= 10, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = _logged_step(workdir)
+    subprocess.run(_train_command(config, workdir), check=True, capture_output=True, timeout=600)
+    resumed = losses(workdir)
+    assert killed_at < 24 and sorted(resumed) == list(range(1, 25))
+    assert resumed == reference  # exact float equality, every step
+
+
+def test_sigterm_saves_the_current_step_and_exits_0(data_dir, reference, tmp_path):
+    config, workdir = _config_file(tmp_path, "mae", data_dir, **RESUME), tmp_path / "run"
+    proc = _run_until(_train_command(config, workdir), lambda: _logged_step(workdir) >= 6, signal.SIGTERM)
+    output = proc.stdout.read()
+    assert proc.returncode == 0, output[-3000:]
+    stopped = _logged_step(workdir)
+    assert stopped < 24
+    with ocp.CheckpointManager(workdir / "checkpoints") as mngr:
+        assert mngr.latest_step() == stopped
+    subprocess.run(_train_command(config, workdir), check=True, capture_output=True, timeout=600)
+    assert losses(workdir) == reference
+
+
+def test_kill_during_async_checkpoint_keeps_the_previous_one(data_dir, reference, tmp_path):
+    config, workdir = _config_file(tmp_path, "mae", data_dir, **RESUME), tmp_path / "run"
+    checkpoints = workdir / "checkpoints"
+
+    def writing_after_first() -> bool:  # orbax writes a step into "<step>.orbax-checkpoint-tmp*" first
+        return checkpoints.is_dir() and any(
+            ".orbax-checkpoint-tmp" in p.name and not p.name.startswith("4.") for p in checkpoints.iterdir()
+        )
+
+    proc = _run_until(_train_command(config, workdir), writing_after_first, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    partial = [p for p in checkpoints.iterdir() if ".orbax-checkpoint-tmp" in p.name]
+    with ocp.CheckpointManager(checkpoints) as mngr:
+        finished = mngr.all_steps()
+    assert finished, "the first checkpoint had completed before the kill"
+    assert not any(int(p.name.split(".")[0]) in finished for p in partial), (
+        "a half-written step counts as done"
+    )
+    result = subprocess.run(
+        _train_command(config, workdir), check=True, capture_output=True, text=True, timeout=600
+    )
+    assert f"resumed from step {max(finished)}" in result.stdout
+    assert losses(workdir) == reference
+
+
+# ---------------------------------------------------------------------------- config mistakes
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"global_batch_size": 12}, "global_batch_size"),
+        ({"mesh": {"data": 3, "fsdp": 1, "tensor": 1}}, "mesh"),
+        ({"model.mask_ratio": 1.5}, "mask_ratio"),
+        ({"model.image_size": 9}, "image_size"),
+        ({"family": "bart"}, "family"),
+        ({"optimizer.name": "sgd"}, "optimizer.name"),
+        ({"schedule.decay": "step"}, "schedule.decay"),
+        ({"model.remat": "sometimes"}, "model.remat"),
+        ({"model.not_a_field": 1}, "not_a_field"),
+    ],
+)
+def test_bad_config_is_refused_naming_the_field(overrides, field, data_dir):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        train.Trainer(tiny("mae", data_dir, **overrides))
+
+
+def test_sequence_longer_than_position_table_is_refused(data_dir):
+    with pytest.raises(ConfigError, match="seq_length"):
+        train.Trainer(tiny("bert", data_dir, **{"model.max_length": 16}))
+
+
+def test_cli_reports_a_bad_value_in_one_line(data_dir, tmp_path):
+    config = _config_file(tmp_path, "mae", data_dir)
+    result = subprocess.run(
+        [*_train_command(config, tmp_path / "run"), "--config.global_batch_size=12"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ},
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "global_batch_size=12 must be divisible by the data-parallel size 8" in result.stderr

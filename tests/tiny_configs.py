@@ -1,0 +1,59 @@
+"""The demo configs of every family, shrunk so a train step compiles and runs in seconds."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ("mae", "bert", "roberta", "gpt", "vqvae", "beit")
+
+
+def demo(family: str) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location(
+        f"demo_{family}", ROOT / "configs" / "demo" / f"{family}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def tiny(family: str, data_dir: Path, **overrides) -> ml_collections.ConfigDict:
+    """`family`'s demo config: 2 layers of width 32, batch 16, a few steps, data under data_dir."""
+    c = demo(family)
+    c.data.data_dir = str(data_dir)
+    c.global_batch_size = 16
+    c.total_steps = 6
+    c.log_every = 1
+    c.eval_every = 3
+    c.eval_batches = 1
+    c.checkpoint_every = 2
+    c.keep_checkpoints = 5
+    c.schedule.warmup_steps = 2
+    small = dict(hidden=32, layers=2, heads=2, mlp_dim=64)
+    if family in ("bert", "roberta", "gpt"):
+        c.data.name = f"python_docs_{c.data.layout}32"
+        c.data.corpus = str(data_dir / "python-docs")
+        c.data.seq_length = 32
+        c.data.vocab_size = 600
+        c.model.vocab_size = 600
+        c.model.max_length = 32 + c.model.get("position_offset", 0)
+        if "masking" in c:
+            c.masking.max_predictions = 6
+    if family == "mae":
+        small.update(decoder_hidden=16, decoder_layers=1, decoder_heads=2, decoder_mlp_dim=32)
+    if family == "beit":
+        c.masking.tokenizer_workdir = str(data_dir / "vqvae")
+        c.model.codebook_size = 16
+    if family == "vqvae":
+        small.update(codebook_size=16, code_dim=8)
+    c.model.update(small)
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
