@@ -180,4 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         except (UsageError, ValueError, FileNotFoundError) as e:
             sys.exit(f"maskjax {command}: {e}")
 
-    app.run(_run, argv=[f"maskjax {command}", *rest])
+    from maskjax import distributed
+
+    distributed.maybe_initialize()  # join the job's other processes, if any, before JAX starts
+    with distributed.fail_fast():
+        app.run(_run, argv=[f"maskjax {command}", *rest])

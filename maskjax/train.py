@@ -12,9 +12,9 @@ Read top to bottom: config -> mesh -> sharded state -> jitted step -> loop
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -67,14 +68,19 @@ def _opt_shardings(abstract_opt: Any, param_shardings: dict, mesh: jax.sharding.
 class Trainer:
     """Everything derived from the config, built once: mesh, shardings, jitted steps."""
 
-    def __init__(self, config: ml_collections.ConfigDict, devices: list | None = None):
+    def __init__(
+        self, config: ml_collections.ConfigDict, devices: list | None = None, *, abstract: bool = False
+    ):
+        """abstract=True: for devices that need not be this host's (a TPU topology's descriptions, for
+        ahead-of-time compiles, `maskjax.aot`): reads no data and puts nothing on a device; `extras` are
+        then ShapeDtypeStructs from the method's `extras_spec(config)`."""
         self.config = config
         devices = list(jax.devices() if devices is None else devices)
         self.model_cfg = config_lib.validate(config, len(devices))
         self.family = config.family
         self.method = methods.get(self.family)
         self.mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
-        if config.data.kind == "text":
+        if config.data.kind == "text" and not abstract:
             loaders.check_tokenizer(config)
         self.rules = config_lib.rules(config)
 
@@ -108,8 +114,14 @@ class Trainer:
         self.eval_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
         # Frozen inputs of the loss, e.g. BEiT's visual tokenizer: replicated, never trained.
-        extras = getattr(self.method, "extras", lambda _: None)(config)
-        self.extras = jax.device_put(extras, replicated)
+        if abstract:
+            extras = getattr(self.method, "extras_spec", lambda _: None)(config)
+            self.extras = jax.tree.map(
+                lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), extras
+            )
+        else:
+            extras = getattr(self.method, "extras", lambda _: None)(config)
+            self.extras = jax.device_put(extras, replicated)
 
         self.init = jax.jit(self._init, out_shardings=self.state_sharding)
         self.train_step = jax.jit(
@@ -166,12 +178,12 @@ class Trainer:
         return loaders.to_global(local, None, self.batch_sharding)
 
 
-def _checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+def _checkpoint_manager(workdir: epath.Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.get("keep_checkpoints", 3), enable_async_checkpointing=True, create=True
     )
     return ocp.CheckpointManager(
-        workdir.absolute() / "checkpoints", options=options, item_names=("params", "opt", "data", "model")
+        workdir / "checkpoints", options=options, item_names=("params", "opt", "data", "model")
     )
 
 
@@ -180,7 +192,9 @@ class _Preemption:
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        # Several processes: JAX's own SIGTERM handler tells the coordination service, which picks one
+        # step for all (check); a Python handler would replace it and each host would stop alone.
+        self._previous = signal.signal(signal.SIGTERM, self._handle) if jax.process_count() == 1 else None
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -193,33 +207,52 @@ class _Preemption:
         return self.requested
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _is_local(path: epath.Path) -> bool:
+    return "://" not in str(path)
 
 
 class MetricsWriter:
-    """metrics.jsonl (one JSON object per logged step) + TensorBoard event files (process 0)."""
+    """metrics.jsonl (one JSON object per logged step) + TensorBoard event files (process 0).
 
-    def __init__(self, workdir: Path):
+    Object stores (gs://) cannot append: there the file is rewritten whole at each write.
+    """
+
+    def __init__(self, workdir: epath.Path):
         self.enabled = jax.process_index() == 0
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            self.file = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+            self.path = workdir / "metrics.jsonl"
+            if _is_local(workdir):
+                self.file, self.lines = open(self.path, "a"), None  # noqa: SIM115 - closed in close()
+            else:
+                self.file = None
+                self.lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
             self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, values: dict, prefix: str = "") -> None:
         if not self.enabled:
             return
         row = {"step": step, **{k: _to_python(v) for k, v in values.items()}}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        line = json.dumps(row) + "\n"
+        if self.file is not None:
+            self.file.write(line)
+            self.file.flush()
+        else:
+            self.lines.append(line)
+            self.path.write_text("".join(self.lines))
         for k, v in row.items():
             if k != "step" and isinstance(v, int | float):
                 self.tb.add_scalar(prefix + k, v, step)
 
     def close(self) -> None:
         if self.enabled:
-            self.file.close()
+            if self.file is not None:
+                self.file.close()
             self.tb.close()
 
 
@@ -257,9 +290,14 @@ def benchmark_step(trainer: Trainer, steps: int) -> float:
     return steps * config.global_batch_size / (time.perf_counter() - start)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path, devices: list | None = None) -> dict:
-    """Train (or resume) the run in `workdir` on `devices` (default: all); return the last logged metrics."""
-    workdir = Path(workdir)
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices: list | None = None) -> dict:
+    """Train (or resume) the run in `workdir` (local or gs://) on `devices` (default: all).
+
+    Returns the last logged metrics.
+    """
+    workdir = epath.Path(workdir)
+    if _is_local(workdir):
+        workdir = epath.Path(os.path.abspath(workdir))
     workdir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config, devices)
     spec = {"family": trainer.family, "config": models.config_to_dict(trainer.model_cfg)}
@@ -313,10 +351,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, devices: list 
                     elapsed = time.perf_counter() - start_time
                     rate = (step - start_step) / max(elapsed, 1e-9)
                     last = dict(jax.device_get(metrics))
-                    last.update(
-                        examples_per_sec=rate * config.global_batch_size,
-                        skipped_records=loader.get_state().get("skipped", 0),
-                    )
+                    # Bad records skipped by this process so far, in total and per reason.
+                    last.update(examples_per_sec=rate * config.global_batch_size, **loader.stats)
                     writer.write(step, last)
                     eta = (config.total_steps - step) / max(rate, 1e-9)
                     print(
@@ -338,6 +374,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, devices: list 
         finally:
             preemption.restore()
             writer.close()
-    if step >= config.total_steps and jax.process_index() == 0:
-        trainer.method.report(trainer, state, config, workdir)
+    if step >= config.total_steps:
+        if jax.process_count() > 1:  # the report runs on process 0 alone: gather the parameters first
+            from jax.experimental import multihost_utils
+
+            state = {**state, "params": multihost_utils.process_allgather(state["params"], tiled=True)}
+        if jax.process_index() == 0:
+            trainer.method.report(trainer, state, config, workdir)
     return last

@@ -20,7 +20,7 @@ def demo(family: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-def tiny(family: str, data_dir: Path, **overrides) -> ml_collections.ConfigDict:
+def tiny(family: str, data_dir: Path, /, **overrides) -> ml_collections.ConfigDict:
     """`family`'s demo config: 2 layers of width 32, batch 16, a few steps, data under data_dir."""
     c = demo(family)
     c.data.data_dir = str(data_dir)

@@ -29,20 +29,32 @@ def data_dir(data: ml_collections.ConfigDict) -> Path:
     return Path(data.get("data_dir") or default)
 
 
-def _once(prepare) -> None:
-    """Prepare on process 0 only; the other processes wait for it (one shared file system)."""
+_PREPARED: set[str] = set()  # datasets this process has seen prepared by all: no second barrier
+
+
+def _once(key: str, prepare) -> None:
+    """Prepare on process 0 only; the other processes wait for it (one shared file system).
+
+    Several processes meet at the barrier once per dataset: later calls (e.g. from a report that
+    runs on process 0 alone) return at once instead of waiting for processes that never come.
+    """
+    if jax.process_count() == 1:
+        prepare()
+        return
+    if key in _PREPARED:
+        return
     if jax.process_index() == 0:
         prepare()
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("maskjax: dataset prepared")
+    multihost_utils.sync_global_devices("maskjax: dataset prepared")
+    _PREPARED.add(key)
 
 
 def _image_source(data: ml_collections.ConfigDict, split: str) -> tuple[Any, tuple, tuple]:
     name, root = data.dataset, data_dir(data)
     if name in image_datasets.BUILDERS:
-        _once(lambda: image_datasets.prepare(name, root, **data.get("builder_kwargs", {})))
+        _once(f"{root}/{name}", lambda: image_datasets.prepare(name, root, **data.get("builder_kwargs", {})))
     mean, std = image_datasets.normalization(name, root)
     return image_datasets.open_source(name, split, root), mean, std
 
@@ -65,7 +77,7 @@ def _text_dir(data: ml_collections.ConfigDict) -> Path:
             seed=data.get("prepare_seed", 0),
         )
 
-    _once(prepare)
+    _once(str(out), prepare)
     return out
 
 

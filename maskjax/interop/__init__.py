@@ -61,6 +61,8 @@ def _module_for(architecture: str):
 
 
 def _read_dir(path: Path) -> tuple[Any, dict[str, np.ndarray]]:
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--hf-dir={path} has no config.json (a transformers checkpoint directory)")
     hf_config = _transformers().AutoConfig.from_pretrained(path)
     if (path / "model.safetensors").exists():
         from safetensors.numpy import load_file

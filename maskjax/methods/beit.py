@@ -2,7 +2,8 @@
 
 targets  the visual tokenizer's codes of the *uncorrupted* image, one per patch
          (BEiT used DALL-E's dVAE; here a VQ-VAE trained by `configs/demo/vqvae.py`
-         and named by `masking.tokenizer_workdir`)
+         and named by `masking.tokenizer_workdir`; `masking.tokenizer`, its model fields,
+         gives the step's shapes without the checkpoint, for ahead-of-time compiles)
 masking  masking.beit_block_mask: blocks of >= 16 patches, aspect in [0.3, 1/0.3],
          exactly `num_masked` patches per image (75 of 196 at 224/16, Sec. 2.3)
 model    models.beit.Beit: [MASK] embedding at masked patches; logits only there
@@ -12,11 +13,11 @@ loss     cross-entropy of the visual-token ids at the masked patches
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from flax import nnx
 
 from maskjax import checkpoint, losses, masking, models
@@ -32,9 +33,49 @@ def _tokenizer(workdir: str) -> tuple[Any, Any, dict]:
     return graphdef, cfg, params
 
 
+def tokenizer_config(config: Any) -> beit.VqConfig:
+    """The tokenizer's VqConfig: `masking.tokenizer` (its model fields) if given, else its checkpoint's.
+
+    With `masking.tokenizer` the step's shapes need no checkpoint (ahead-of-time compiles, `extras_spec`);
+    training still loads the weights from `masking.tokenizer_workdir` and checks that they agree.
+    """
+    m = config.masking
+    if m.get("tokenizer") is not None:
+        fields = m.tokenizer.to_dict() if hasattr(m.tokenizer, "to_dict") else dict(m.tokenizer)
+        return models.make_config("vqvae", fields)
+    try:
+        return _tokenizer(m.tokenizer_workdir)[1]
+    except FileNotFoundError as e:
+        from maskjax.config import ConfigError
+
+        raise ConfigError(
+            f"masking.tokenizer (the tokenizer's model fields) is not set and {e}: "
+            "set masking.tokenizer_workdir to a trained vqvae workdir, or masking.tokenizer for shapes alone"
+        ) from None
+
+
+@functools.cache
+def _graphdef(cfg: beit.VqConfig) -> Any:
+    return nnx.split(nnx.eval_shape(lambda: models.build("vqvae", cfg)))[0]
+
+
 def extras(config: Any) -> dict:
     """The frozen tokenizer's parameters, passed into the jitted step (never trained)."""
-    return {"tokenizer": _tokenizer(config.masking.tokenizer_workdir)[2]}
+    _, cfg, params = _tokenizer(config.masking.tokenizer_workdir)
+    if tokenizer_config(config) != cfg:
+        from maskjax.config import ConfigError
+
+        raise ConfigError(
+            f"masking.tokenizer={config.masking.tokenizer.to_dict()} differs from the config of the "
+            f"tokenizer in masking.tokenizer_workdir={config.masking.tokenizer_workdir}: {cfg}"
+        )
+    return {"tokenizer": params}
+
+
+def extras_spec(config: Any) -> dict:
+    """Shapes and dtypes of `extras(config)` (ShapeDtypeStructs), read from `tokenizer_config`."""
+    abstract = nnx.eval_shape(lambda: models.build("vqvae", tokenizer_config(config)))
+    return {"tokenizer": nnx.to_pure_dict(nnx.state(abstract, nnx.Param))}
 
 
 def masked_positions(mask: jax.Array, count: int) -> jax.Array:
@@ -47,7 +88,7 @@ def loss(
 ) -> tuple[jax.Array, dict]:
     cfg, m = model.cfg, config.masking
     images = batch["image"]
-    graphdef, _, _ = _tokenizer(m.tokenizer_workdir)
+    graphdef = _graphdef(tokenizer_config(config))
     codes = jax.lax.stop_gradient(nnx.merge(graphdef, extras["tokenizer"]).encode(images))  # (B, N)
     k_mask, k_drop = jax.random.split(key)
     mask = masking.beit_block_mask(
@@ -61,5 +102,11 @@ def loss(
     return value, {"loss": value, "accuracy": losses.masked_accuracy(out["logits"], targets, weights)}
 
 
-def report(trainer: Any, state: dict, config: Any, workdir: Path) -> None:
+def batch_spec(config: Any, model_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the image loaders produce: {"image": (B, H, W, C) float32, normalised}."""
+    size, channels = model_cfg.image_size, model_cfg.channels
+    return {"image": jax.ShapeDtypeStruct((config.global_batch_size, size, size, channels), jnp.float32)}
+
+
+def report(trainer: Any, state: dict, config: Any, workdir: epath.Path) -> None:
     """Nothing beyond the eval metrics (visual-token loss and accuracy) already in metrics.jsonl."""

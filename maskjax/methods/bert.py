@@ -11,13 +11,13 @@ loss     cross-entropy on masked positions (+ next-sentence prediction for BERT)
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from maskjax import losses, masking
@@ -76,6 +76,18 @@ def loss(
     return total, metrics
 
 
+def batch_spec(config: Any, model_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the text loaders produce for layout "bert" (with NSP pairs) or "roberta"."""
+    b, t = config.global_batch_size, config.data.seq_length
+    vec = lambda dtype: jax.ShapeDtypeStruct((b, t), dtype)
+    spec = {"input_ids": vec(jnp.int32), "attention_mask": vec(jnp.int32), "word_starts": vec(jnp.bool_)}
+    spec["special_tokens_mask"] = vec(jnp.bool_)
+    if config.data.get("layout", config.family) == "bert":
+        spec["token_type_ids"] = vec(jnp.int32)
+        spec["next_sentence_label"] = jax.ShapeDtypeStruct((b,), jnp.int32)
+    return spec
+
+
 def _eval_accuracy(model: bert.Bert, batch: dict, key: jax.Array, masking_cfg: Any, top_token: int) -> dict:
     m = mask(key, batch, model.cfg.vocab_size, masking_cfg)
     out = model(
@@ -91,7 +103,7 @@ def _eval_accuracy(model: bert.Bert, batch: dict, key: jax.Array, masking_cfg: A
     }
 
 
-def report(trainer: Any, state: dict, config: ml_collections.ConfigDict, workdir: Path) -> dict:
+def report(trainer: Any, state: dict, config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
     """Held-out masked-token accuracy beside the unigram baseline (always the most frequent token)."""
     from maskjax.data import loaders
 
@@ -107,7 +119,7 @@ def report(trainer: Any, state: dict, config: ml_collections.ConfigDict, workdir
         "eval_masked_token_accuracy": float(out["mlm_accuracy"]),
         "unigram_baseline_accuracy": float(out["unigram_accuracy"]),
     }
-    (Path(workdir) / "report.json").write_text(json.dumps(result, indent=2))
+    (epath.Path(workdir) / "report.json").write_text(json.dumps(result, indent=2))
     print(
         f"held-out masked-token accuracy: {result['eval_masked_token_accuracy']:.4f}   "
         f"unigram-frequency baseline: {result['unigram_baseline_accuracy']:.4f}",

@@ -9,11 +9,11 @@ loss     cross-entropy over real next tokens; perplexity = exp(loss)
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from maskjax import losses, masking
 from maskjax.models import gpt
@@ -33,5 +33,14 @@ def loss(
     }
 
 
-def report(trainer: Any, state: dict, config: Any, workdir: Path) -> None:
+def batch_spec(config: Any, model_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the text loaders produce for layout "gpt": packed rows and their document ids."""
+    shape = (config.global_batch_size, config.data.seq_length)
+    return {
+        "input_ids": jax.ShapeDtypeStruct(shape, jnp.int32),
+        "segment_ids": jax.ShapeDtypeStruct(shape, jnp.int32),
+    }
+
+
+def report(trainer: Any, state: dict, config: Any, workdir: epath.Path) -> None:
     """Nothing beyond the eval metrics (loss, perplexity) already in metrics.jsonl."""

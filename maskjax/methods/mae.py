@@ -8,14 +8,15 @@ ones, decode all of them, and regress the pixels of the masked patches.
 
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from maskjax import losses, masking
@@ -32,6 +33,12 @@ def loss(
     out = model(images, m.ids_keep, m.ids_restore, dropout_key=k_drop if train else None)
     value = losses.mae_loss(out["pred"], vit.patchify(images, cfg.patch_size), m.mask, cfg.norm_pix_loss)
     return value, {"loss": value}
+
+
+def batch_spec(config: Any, model_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the image loaders produce: {"image": (B, H, W, C) float32, normalised}."""
+    size, channels = model_cfg.image_size, model_cfg.channels
+    return {"image": jax.ShapeDtypeStruct((config.global_batch_size, size, size, channels), jnp.float32)}
 
 
 def reconstruct(model: vit.Mae, images: jax.Array, key: jax.Array) -> dict[str, jax.Array]:
@@ -60,7 +67,7 @@ def reconstruct(model: vit.Mae, images: jax.Array, key: jax.Array) -> dict[str, 
     }
 
 
-def _figure(out: dict, mean: np.ndarray, std: np.ndarray, path: Path, n: int = 8) -> None:
+def _figure(out: dict, mean: np.ndarray, std: np.ndarray, path: epath.Path, n: int = 8) -> None:
     """Rows: originals / masked inputs / reconstructions with the visible patches pasted (MAE Fig. 2)."""
     import matplotlib
 
@@ -80,11 +87,13 @@ def _figure(out: dict, mean: np.ndarray, std: np.ndarray, path: Path, n: int = 8
             ax.set_yticks([])
         axes[r, 0].set_ylabel(name, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    path.write_bytes(buffer.getvalue())  # also on gs://
 
 
-def report(trainer: Any, state: dict, config: ml_collections.ConfigDict, workdir: Path) -> dict:
+def report(trainer: Any, state: dict, config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
     """After training: held-out reconstruction loss beside the mean-patch baseline, and a figure."""
     from maskjax.data import image_datasets, loaders
 
@@ -94,10 +103,10 @@ def report(trainer: Any, state: dict, config: ml_collections.ConfigDict, workdir
     out = jax.jit(reconstruct)(model, jnp.asarray(batch["image"]), key)
     result = {"eval_reconstruction_loss": float(out["loss"]), "mean_patch_baseline": float(out["baseline"])}
     mean, std = image_datasets.normalization(config.data.dataset, loaders.data_dir(config.data))
-    figure = Path(workdir) / "mae_reconstructions.png"
+    figure = epath.Path(workdir) / "mae_reconstructions.png"
     _figure(out, np.asarray(mean, np.float32), np.asarray(std, np.float32), figure)
     result["figure"] = str(figure)
-    (Path(workdir) / "report.json").write_text(json.dumps(result, indent=2))
+    (epath.Path(workdir) / "report.json").write_text(json.dumps(result, indent=2))
     print(
         f"MAE held-out reconstruction loss (masked patches): {result['eval_reconstruction_loss']:.4f}   "
         f"predict-the-mean-patch baseline: {result['mean_patch_baseline']:.4f}\n"

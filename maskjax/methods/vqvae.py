@@ -5,10 +5,11 @@ loss = MSE(reconstruction, image) + ‖sg[z_e] − e‖² + β‖z_e − sg[e]�
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from etils import epath
 
 from maskjax.models import beit
 
@@ -20,5 +21,11 @@ def loss(
     return value, {"loss": value, **metrics}
 
 
-def report(trainer: Any, state: dict, config: Any, workdir: Path) -> None:
+def batch_spec(config: Any, model_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the image loaders produce: {"image": (B, H, W, C) float32, normalised}."""
+    size, channels = model_cfg.image_size, model_cfg.channels
+    return {"image": jax.ShapeDtypeStruct((config.global_batch_size, size, size, channels), jnp.float32)}
+
+
+def report(trainer: Any, state: dict, config: Any, workdir: epath.Path) -> None:
     """Nothing beyond the eval metrics (reconstruction, codebook usage) already in metrics.jsonl."""

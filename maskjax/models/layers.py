@@ -40,7 +40,9 @@ class TransformerConfig:
     mlp_dim: int
     dropout: float = 0.1  # on residual branches and embeddings
     attention_dropout: float = 0.1  # on attention probabilities
-    drop_path: float = 0.0  # stochastic depth (BEiT)
+    drop_path: float = 0.0  # stochastic depth (BEiT, ViT fine-tuning): the deepest layer's rate
+    # "linear": layer i of L drops at drop_path·i/(L−1) (BEiT, MAE fine-tuning); "uniform": all equal
+    drop_path_schedule: Literal["linear", "uniform"] = "linear"
     layer_norm_eps: float = 1e-12
     activation: Literal["gelu", "gelu_tanh", "relu"] = "gelu"
     pre_ln: bool = False  # False: BERT's post-LN; True: GPT-2 / ViT pre-LN
@@ -195,9 +197,9 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Stochastic depth: drop a whole residual branch per example (x: (B, ...))."""
-    if key is None or rate == 0.0:
+def drop_path(x: jax.Array, rate: float | jax.Array, key: jax.Array | None) -> jax.Array:
+    """Stochastic depth: drop a whole residual branch per example (x: (B, ...)); `rate` may be traced."""
+    if key is None or (isinstance(rate, float) and rate == 0.0):
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
@@ -306,12 +308,14 @@ class Block(nnx.Module):
             self.gamma1 = self.gamma2 = None
         self.cfg = cfg
 
-    def _branch(self, y: jax.Array, gamma: nnx.Param | None, key: jax.Array | None) -> jax.Array:
+    def _branch(
+        self, y: jax.Array, gamma: nnx.Param | None, key: jax.Array | None, drop_rate: float | jax.Array
+    ) -> jax.Array:
         if gamma is not None:
             y = y * gamma[...].astype(y.dtype)
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
         y = dropout(y, self.cfg.dropout, k1)
-        return drop_path(y, self.cfg.drop_path, k2)
+        return drop_path(y, drop_rate, k2)
 
     def __call__(
         self,
@@ -320,15 +324,17 @@ class Block(nnx.Module):
         bias: jax.Array | None = None,
         mask: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
+        drop_path_rate: float | jax.Array | None = None,
     ) -> jax.Array:
         k_attn, k_res1, k_res2 = jax.random.split(dropout_key, 3) if dropout_key is not None else (None,) * 3
+        rate = self.cfg.drop_path if drop_path_rate is None else drop_path_rate
         attn = lambda h: self.attn(h, bias=bias, mask=mask, dropout_key=k_attn)  # noqa: E731
         if self.cfg.pre_ln:
-            x = x + self._branch(attn(self.ln1(x)), self.gamma1, k_res1)
-            x = x + self._branch(self.mlp(self.ln2(x)), self.gamma2, k_res2)
+            x = x + self._branch(attn(self.ln1(x)), self.gamma1, k_res1, rate)
+            x = x + self._branch(self.mlp(self.ln2(x)), self.gamma2, k_res2, rate)
         else:
-            x = self.ln1(x + self._branch(attn(x), None, k_res1))
-            x = self.ln2(x + self._branch(self.mlp(x), None, k_res2))
+            x = self.ln1(x + self._branch(attn(x), None, k_res1, rate))
+            x = self.ln2(x + self._branch(self.mlp(x), None, k_res2, rate))
         return constrain(x, ("batch", "length", "embed"))
 
 
@@ -350,6 +356,13 @@ class Stack(nnx.Module):
         self.blocks = make(rngs)
         self.cfg = cfg
 
+    def drop_path_rates(self) -> jax.Array:
+        """(L,) stochastic-depth rate of each layer under `cfg.drop_path_schedule`."""
+        cfg = self.cfg
+        if cfg.drop_path_schedule == "linear" and cfg.layers > 1:
+            return jnp.linspace(0.0, cfg.drop_path, cfg.layers, dtype=jnp.float32)
+        return jnp.full((cfg.layers,), cfg.drop_path, jnp.float32)
+
     def __call__(
         self,
         x: jax.Array,
@@ -358,18 +371,21 @@ class Stack(nnx.Module):
         mask: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
+        cfg = self.cfg
         graphdef, stacked = nnx.split(self.blocks)
-        keys = jax.random.split(dropout_key, self.cfg.layers) if dropout_key is not None else None
+        keys = jax.random.split(dropout_key, cfg.layers) if dropout_key is not None else None
+        rates = self.drop_path_rates()
 
         def body(x, layer):
-            state, key = layer
-            return nnx.merge(graphdef, state)(x, bias=bias, mask=mask, dropout_key=key), None
+            state, key, rate = layer
+            block = nnx.merge(graphdef, state)
+            return block(x, bias=bias, mask=mask, dropout_key=key, drop_path_rate=rate), None
 
-        if self.cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat])
-        if self.cfg.scan_layers:
-            x, _ = jax.lax.scan(body, x, (stacked, keys))
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
+        if cfg.scan_layers:
+            x, _ = jax.lax.scan(body, x, (stacked, keys, rates))
         else:
-            for i in range(self.cfg.layers):
-                x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], (stacked, keys)))
+            for i in range(cfg.layers):
+                x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], (stacked, keys, rates)))
         return x

@@ -1,0 +1,110 @@
+"""Schedules, weight-decay masks, LAMB and layer-wise decay, checked against their definitions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from maskjax import optim
+
+OPT = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, grad_clip=None)
+
+
+def test_mae_learning_rate_rule():
+    # He et al. 2022, Table 8: lr = base_lr × batch / 256, base_lr 1.5e-4 at batch 4096.
+    assert optim.peak_learning_rate({"base_lr": 1.5e-4}, 4096) == pytest.approx(2.4e-3)
+    assert optim.peak_learning_rate({"peak_lr": 1e-4}, 256) == 1e-4
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine"])
+def test_warmup_then_decay(decay):
+    lr = optim.schedule(1.0, total_steps=100, warmup_steps=10, decay=decay, end_lr=0.0)
+    values = np.array([float(lr(s)) for s in range(101)])
+    np.testing.assert_allclose(values[:11], np.linspace(0, 1, 11), atol=1e-6)  # linear warmup to the peak
+    assert np.all(np.diff(values[10:]) <= 1e-7) and values[100] == pytest.approx(0.0, abs=1e-6)
+    halfway = values[55]
+    expected = 0.5 if decay == "linear" else 0.5 * (1 + np.cos(np.pi * 0.5))
+    assert halfway == pytest.approx(expected, abs=1e-5)
+
+
+def test_unknown_decay_names_the_field():
+    with pytest.raises(ValueError, match="schedule.decay"):
+        optim.schedule(1.0, 10, 1, "step")
+
+
+def _params():
+    return {
+        "blocks": {
+            "mlp": {"kernel": jnp.ones((3, 4, 4)), "bias": jnp.ones((3, 4))},
+            "ln1": {"scale": jnp.ones((3, 4))},
+        },
+        "cls_token": jnp.ones((4,)),
+        "embed": {"embedding": jnp.ones((10, 4))},
+        "head": {"kernel": jnp.ones((4, 2))},
+    }
+
+
+def test_weight_decay_skips_the_named_parameters():
+    params = _params()
+    tx = optim.make_optimizer(
+        dict(OPT, no_decay=("bias", "scale", "cls_token")), optax.constant_schedule(1.0), params
+    )
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    # With zero gradients, AdamW's update is −lr·wd·param where decay applies and 0 elsewhere.
+    assert float(jnp.abs(updates["blocks"]["mlp"]["bias"]).max()) == 0.0
+    assert float(jnp.abs(updates["blocks"]["ln1"]["scale"]).max()) == 0.0
+    assert float(jnp.abs(updates["cls_token"]).max()) == 0.0
+    np.testing.assert_allclose(updates["blocks"]["mlp"]["kernel"], -0.1)
+    np.testing.assert_allclose(updates["embed"]["embedding"], -0.1)
+
+
+def test_lamb_matches_optax_reference_with_same_mask():
+    params = _params()
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+    opt = dict(OPT, name="lamb", no_decay=("bias",))
+    tx = optim.make_optimizer(opt, optax.constant_schedule(0.01), params)
+    ref = optax.lamb(
+        0.01, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, mask=optim.decay_mask(params, ("bias",))
+    )
+    got, _ = tx.update(grads, tx.init(params), params)
+    want, _ = ref.update(grads, ref.init(params), params)
+    jax.tree.map(np.testing.assert_allclose, got, want)
+
+
+def test_gradient_clipping_by_global_norm():
+    params = _params()
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 100.0), params)
+    clipped = optim.make_optimizer(
+        dict(OPT, grad_clip=1.0, weight_decay=0.0), optax.constant_schedule(1.0), params
+    )
+    plain = optim.make_optimizer(dict(OPT, weight_decay=0.0), optax.constant_schedule(1.0), params)
+    # Adam normalises the gradient scale away on the first step, so compare on the second.
+    s1, s2 = clipped.init(params), plain.init(params)
+    _, s1 = clipped.update(grads, s1, params)
+    _, s2 = plain.update(grads, s2, params)
+    small = jax.tree.map(lambda p: jnp.full_like(p, 0.001), params)
+    u1, _ = clipped.update(small, s1, params)
+    u2, _ = plain.update(small, s2, params)
+    assert not np.allclose(u1["head"]["kernel"], u2["head"]["kernel"])
+
+
+def test_layerwise_decay_scales_each_layer():
+    params = _params()
+    scales = optim.layerwise_scales(params, decay=0.5, num_layers=3, embed_patterns=("embed", "cls_token"))
+    # BEiT fine-tuning: layer i of L gets decay^(L + 1 − i); embeddings i = 0; the head i = L + 1.
+    np.testing.assert_allclose(scales["blocks"]["mlp"]["kernel"].ravel(), [0.125, 0.25, 0.5])
+    assert float(scales["embed"]["embedding"]) == 0.0625 and float(scales["cls_token"]) == 0.0625
+    assert float(scales["head"]["kernel"]) == 1.0
+    opt = dict(OPT, weight_decay=0.0, layer_decay=0.5, layer_decay_embed=("embed", "cls_token"))
+    tx = optim.make_optimizer(opt, optax.constant_schedule(1.0), params, num_layers=3)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    per_layer = np.asarray(updates["blocks"]["mlp"]["kernel"])[:, 0, 0]
+    np.testing.assert_allclose(per_layer / per_layer[-1], [0.25, 0.5, 1.0], rtol=1e-6)
+
+
+def test_unknown_optimizer_names_the_field():
+    with pytest.raises(ValueError, match="optimizer.name"):
+        optim.make_optimizer(dict(OPT, name="sgd"), optax.constant_schedule(1.0), _params())
