@@ -163,7 +163,7 @@ class Trainer:
             grads, metrics = jax.tree.map(lambda x: x / accum, (grads, metrics))
         updates, opt_state = self.tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, learning_rate=self.lr(step), grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, learning_rate=self.lr(step), grad_norm=optax.tree.norm(grads))
         return {"params": params, "opt": opt_state, "step": step + 1}, metrics
 
     def _eval_step(self, params: dict, batch: dict, index: jax.Array, extras: Any) -> dict:
@@ -194,7 +194,7 @@ class _Preemption:
         self.requested = False
         # Several processes: JAX's own SIGTERM handler tells the coordination service, which picks one
         # step for all (check); a Python handler would replace it and each host would stop alone.
-        self._previous = signal.signal(signal.SIGTERM, self._handle) if jax.process_count() == 1 else None
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -290,6 +290,30 @@ def benchmark_step(trainer: Trainer, steps: int) -> float:
     return steps * config.global_batch_size / (time.perf_counter() - start)
 
 
+def phases(config: ml_collections.ConfigDict) -> list[tuple[int, ml_collections.ConfigDict]]:
+    """[(first step, the config in force from it)]: one entry unless `config.phases` splits the run.
+
+    A paper that changes its data mid-run (BERT: 128 tokens for 90% of the steps, then 512,
+    Devlin et al. 2019, A.2) lists its phases, each `{"until": fraction of total_steps,
+    <section>: {field: value}}`; the state carries over, the data and the step function change.
+    """
+    if not config.get("phases"):
+        return [(0, config)]
+    lengths = sorted({p["data"]["seq_length"] for p in config.phases if "seq_length" in p.get("data", {})})
+    result, start = [], 0
+    for phase in config.phases:
+        phase_config = ml_collections.ConfigDict(config.to_dict())
+        del phase_config["phases"]
+        for section, values in phase.items():
+            if section != "until":
+                phase_config[section].update(dict(values))
+        if lengths:  # every phase reads the one prepared folder, which holds each length
+            phase_config.data.prepare_lengths = lengths
+        result.append((start, phase_config))
+        start = round(phase["until"] * config.total_steps)
+    return result
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices: list | None = None) -> dict:
     """Train (or resume) the run in `workdir` (local or gs://) on `devices` (default: all).
 
@@ -299,16 +323,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
     if _is_local(workdir):
         workdir = epath.Path(os.path.abspath(workdir))
     workdir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, devices)
+    schedule = phases(config)
+    trainers = [Trainer(c, devices) for _, c in schedule]
+    trainer = trainers[0]
     spec = {"family": trainer.family, "config": models.config_to_dict(trainer.model_cfg)}
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     with sharding.use_rules(trainer.mesh, trainer.rules), _checkpoint_manager(workdir, config) as mngr:
+
+        def phase_at(step: int) -> int:
+            return max(i for i, (start, _) in enumerate(schedule) if start <= step)
+
         latest = mngr.latest_step()
         if latest is None:
             state = trainer.init()
-            loader = loaders.make(config, "train", start_step=0)
+            data_state = None
         else:
             restored = mngr.restore(
                 latest,
@@ -321,9 +351,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
                 ),
             )
             state = {"params": restored.params, "opt": restored.opt["opt"], "step": restored.opt["step"]}
-            loader = loaders.make(config, "train", start_step=0)
-            loader.set_state(restored.data)
+            data_state = restored.data
             print(f"resumed from step {latest}", flush=True)
+
+        def enter_phase(index: int, saved: dict | None = None) -> tuple[Trainer, Any]:
+            start, phase_config = schedule[index]
+            loader = loaders.make(phase_config, "train", start_step=0)
+            if saved is not None and saved.get("phase", 0) == index:
+                loader.set_state(saved["loader"] if "loader" in saved else saved)
+            if len(schedule) > 1:
+                print(f"phase {index + 1}/{len(schedule)} from step {start}", flush=True)
+            return trainers[index], loader
 
         def save(step: int, state: dict) -> None:
             mngr.save(
@@ -331,7 +369,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
                 args=ocp.args.Composite(
                     params=ocp.args.StandardSave(state["params"]),
                     opt=ocp.args.StandardSave({"opt": state["opt"], "step": state["step"]}),
-                    data=ocp.args.JsonSave(loader.get_state()),
+                    data=ocp.args.JsonSave({"phase": phase, "loader": loader.get_state()}),
                     model=ocp.args.JsonSave(spec),
                 ),
                 force=True,
@@ -340,10 +378,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
         writer = MetricsWriter(workdir)
         preemption = _Preemption()
         step = int(jax.device_get(state["step"]))
+        phase = phase_at(step)
+        trainer, loader = enter_phase(phase, data_state)
         start_step, start_time = step, time.perf_counter()
         last: dict = {}
         try:
             while step < config.total_steps:
+                if phase + 1 < len(schedule) and step >= schedule[phase + 1][0]:
+                    phase += 1
+                    trainer, loader = enter_phase(phase)
                 batch = trainer.put_batch(next(loader))
                 state, metrics = trainer.train_step(state, batch, trainer.extras)
                 step += 1
@@ -361,7 +404,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
                         flush=True,
                     )
                 if step % config.eval_every == 0 or step == config.total_steps:
-                    ev = evaluate(trainer, state["params"], config)
+                    ev = evaluate(trainer, state["params"], trainer.config)
                     writer.write(step, {"split": "eval", **{f"eval_{k}": v for k, v in ev.items()}}, "")
                     last.update({f"eval_{k}": v for k, v in ev.items()})
                 if step % config.checkpoint_every == 0 or step == config.total_steps:
@@ -380,5 +423,5 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
 
             state = {**state, "params": multihost_utils.process_allgather(state["params"], tiled=True)}
         if jax.process_index() == 0:
-            trainer.method.report(trainer, state, config, workdir)
+            trainer.method.report(trainer, state, trainer.config, workdir)
     return last

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -246,3 +247,24 @@ def test_cli_reports_a_bad_value_in_one_line(data_dir, tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert "global_batch_size=12 must be divisible by the data-parallel size 8" in result.stderr
+
+
+def test_two_phase_schedule_switches_data_and_resumes_in_phase_two(data_dir, tmp_path):
+    """BERT's 128-then-512 schedule, small: 16 tokens for half the steps, then 32."""
+    config = tiny("bert", data_dir, total_steps=6, checkpoint_every=4, eval_every=100)
+    config.data.name = "python_docs_bert_phases"
+    config.phases = [
+        {"until": 0.5, "data": {"seq_length": 16}, "masking": {"max_predictions": 3}},
+        {"until": 1.0, "data": {"seq_length": 32}, "masking": {"max_predictions": 6}},
+    ]
+    starts = [(start, c.data.seq_length, c.masking.max_predictions) for start, c in train.phases(config)]
+    assert starts == [(0, 16, 3), (3, 32, 6)]
+    train.train(config, tmp_path / "straight")
+    # The same run stopped after its step-4 checkpoint (inside phase two), then resumed.
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "6")
+    (tmp_path / "resumed" / "metrics.jsonl").unlink()
+    train.train(config, tmp_path / "resumed")
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == [5, 6]
+    assert [resumed[s] for s in (5, 6)] == [straight[s] for s in (5, 6)]

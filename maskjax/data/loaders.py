@@ -68,24 +68,18 @@ def _text_dir(data: ml_collections.ConfigDict) -> Path:
         if (out / "prepare.json").exists():
             return
         corpus = data.get("corpus") or str(text_datasets.demo_corpus(data_dir(data) / "corpora" / data.name))
+        lengths = list(data.get("prepare_lengths") or [data.seq_length])
         text_datasets.prepare_text(
             corpus,
             out,
             layout=data.layout,
-            max_length=data.seq_length,
+            max_length=lengths if len(lengths) > 1 else lengths[0],
             vocab_size=data.get("vocab_size"),
             seed=data.get("prepare_seed", 0),
         )
 
     _once(str(out), prepare)
     return out
-
-
-def tokenizer(config: ml_collections.ConfigDict):
-    """The tokenizer of a text config's prepared dataset."""
-    from maskjax.data import text_datasets
-
-    return text_datasets.open_text_dataset(_text_dir(config.data), "train")[1]
 
 
 def source_and_transform(config: ml_collections.ConfigDict, split: str) -> tuple[Any, Any]:
@@ -117,7 +111,9 @@ def source_and_transform(config: ml_collections.ConfigDict, split: str) -> tuple
     if data.kind == "text":
         from maskjax.data import text_datasets
 
-        return text_datasets.open_text_dataset(_text_dir(data), split_name)[0], None
+        return text_datasets.open_text_dataset(_text_dir(data), split_name, max_length=data.seq_length)[
+            0
+        ], None
     raise ValueError(f"data.kind must be one of image, text; got {data.kind!r}")
 
 
@@ -149,7 +145,9 @@ def check_tokenizer(config: ml_collections.ConfigDict) -> None:
     from maskjax.config import ConfigError
     from maskjax.data import text_datasets
 
-    tok = text_datasets.open_text_dataset(_text_dir(config.data), "train")[1]
+    tok = text_datasets.open_text_dataset(_text_dir(config.data), "train", max_length=config.data.seq_length)[
+        1
+    ]
     if config.model.vocab_size < tok.vocab_size:
         raise ConfigError(
             f"model.vocab_size={config.model.vocab_size} < the tokenizer's {tok.vocab_size} entries"
