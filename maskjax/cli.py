@@ -112,6 +112,31 @@ def _benchmark_input() -> None:
     print(json.dumps(result, indent=2))
 
 
+def _describe_flags() -> None:
+    _config_flag()
+
+
+def _describe() -> None:
+    from maskjax import describe
+
+    print(json.dumps(describe.describe(FLAGS.config), indent=2))
+
+
+def _compile_flags() -> None:
+    _config_flag()
+    flags.DEFINE_string("topology", None, "A TPU topology, e.g. v3:8x8 (needs `pip install maskjax[tpu]`).")
+    flags.DEFINE_float("hbm_gib", None, "Per-device memory to check against (default: the chip's).")
+
+
+def _compile() -> None:
+    from maskjax import aot
+
+    result = aot.compile_config(FLAGS.config, topology=FLAGS.topology, hbm_gib=FLAGS.hbm_gib)
+    print(json.dumps(result, indent=2))
+    if not result.get("fits", True):
+        sys.exit(1)
+
+
 def _import_hf_flags() -> None:
     flags.DEFINE_string("hf_dir", None, "Directory of a transformers checkpoint (config.json + weights).")
     flags.DEFINE_string("out", None, "maskjax workdir to write the checkpoint into.")
@@ -150,6 +175,8 @@ COMMANDS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
     "train": (_train_flags, _train),
     "prepare-text": (_prepare_text_flags, _prepare_text),
     "benchmark-input": (_benchmark_input_flags, _benchmark_input),
+    "describe": (_describe_flags, _describe),
+    "compile": (_compile_flags, _compile),
     "import-hf": (_import_hf_flags, _import_hf),
     "export-hf": (_export_hf_flags, _export_hf),
 }
@@ -182,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from maskjax import distributed
 
-    distributed.maybe_initialize()  # join the job's other processes, if any, before JAX starts
+    # Join the job's other processes, if any, before JAX starts; on a TPU VM, train jointly by default.
+    distributed.maybe_initialize(detect_tpu=command in ("train", "benchmark-input"))
     with distributed.fail_fast():
         app.run(_run, argv=[f"maskjax {command}", *rest])

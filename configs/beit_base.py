@@ -1,0 +1,92 @@
+"""BEiT-base pre-training on ImageNet-1k as in Bao et al. 2022, "BEiT: BERT Pre-Training of Image
+Transformers" (ICLR), Sec. 2-3 and the appendix table of pre-training hyperparameters.
+
+  maskjax describe --config=configs/beit_base.py
+  maskjax train --config=configs/beit_base.py --workdir=DIR --config.masking.tokenizer_workdir=TOK
+
+`masking.tokenizer_workdir` is required: the workdir of a trained maskjax `vqvae` tokenizer that gives
+one of 8192 codes per 16×16 patch of a 224² image (a 14×14 grid, = model.codebook_size). BEiT used the
+DALL-E dVAE (Sec. 2.1.2), whose weights cannot be loaded here; train a tokenizer on the same data
+first (as configs/demo/vqvae.py does at demo size). Data: tfds `imagenet2012` in array_record format,
+prepared by the user (see configs/mae_vit_base.py).
+
+Epoch-counted values live in `schedule.epochs` / `schedule.warmup_epochs`; total_steps and warmup_steps
+follow them and the batch (steps = ceil(epochs × 1,281,167 / batch)).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from maskjax import models
+from maskjax.models import beit
+
+IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k (ILSVRC-2012) training set
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.family = "beit"
+    c.seed = 0
+    c.global_batch_size = 2048  # appendix table: batch size 2048 (Sec. 3.1: "2k batch size")
+    c.log_every = 100
+    c.eval_every = 5000
+    c.eval_batches = 4
+    c.checkpoint_every = 5000
+    c.keep_checkpoints = 3
+
+    # Sec. 3.1: "The 500k training steps (i.e., 800 epochs) with 2k batch size take about five days using
+    # 16 Nvidia Telsa V100 32GB GPU cards." No TPU topology. 128 images per GPU; 86M parameters
+    # and their activations (~12 GB in 16 bits, estimated) fit a 32 GB V100: pure data parallel.
+    c.hardware = dict(
+        accelerator="v100-32gb",
+        topology=config_dict.placeholder(str),  # GPUs: no TPU topology
+        description="16 NVIDIA V100 32GB GPUs",
+        num_devices=16,
+    )
+    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+
+    c.data = dict(
+        kind="image",
+        dataset="imagenet2012",
+        train_split="train",
+        eval_split="validation",
+        image_size=224,  # appendix: input resolution 224 × 224
+        channels=3,  # a few ImageNet JPEGs are greyscale or CMYK: always decode to RGB
+        # Appendix: RandomResizedCrop (and colour jitter 0.4, which the released pre-training transform
+        # does not apply and this pipeline does not have). The scale range is not in the paper: (0.08, 1)
+        # is the torchvision default the released transform keeps, as we read it — unverified.
+        scale=(0.08, 1.0),
+        flip=True,  # the released pre-training transform: RandomHorizontalFlip
+        crop_pct=0.875,
+    )
+    c.masking = dict(
+        tokenizer_workdir="REQUIRED: --config.masking.tokenizer_workdir=<a trained maskjax vqvae workdir>",
+        num_masked=75,  # Sec. 2.3: "we randomly mask approximately 40% image patches" = 75 of 196
+        min_block=16,  # Algorithm 1: blocks of at least 16 patches
+    )
+    # ViT-B/16: 12 layers, 768 wide, 12 heads, FFN 3072; layer scale 0.1, stochastic depth 0.1, no dropout;
+    # shared relative position bias, no absolute positions (appendix): the factory's values.
+    c.model = models.config_to_dict(beit.beit_base(dtype="bfloat16"))
+    c.optimizer = dict(
+        name="adamw",
+        peak_lr=1.5e-3,  # appendix: peak lr 1.5e-3 at batch 2048 (the release does not rescale it)
+        b1=0.9,  # appendix: Adam β (0.9, 0.999); the release's default is (0.9, 0.98) and its README
+        b2=0.999,  # commands do not override it — the paper's value is kept
+        eps=1e-8,  # appendix
+        weight_decay=0.05,  # appendix
+        grad_clip=3.0,  # appendix; the release's README: --clip_grad 3.0 for base
+        # The release exempts 1-D parameters, biases and cls_token (no_weight_decay); its mask token
+        # (1, 1, D) and the relative-position table are decayed.
+        no_decay=("bias", "scale", "gamma", "cls_token"),
+    )
+    # Appendix: 800 epochs, 10 warmup epochs, cosine decay to the minimal lr 1e-5.
+    c.schedule = dict(epochs=800, warmup_epochs=10, decay="cosine", end_lr=1e-5)
+    batch, epochs, warmup = (
+        c.get_ref("global_batch_size"),
+        c.schedule.get_ref("epochs"),
+        c.schedule.get_ref("warmup_epochs"),
+    )
+    # ceil: 500,456 steps at 800 epochs (the release drops each epoch's last partial batch: 500,000)
+    c.total_steps = (epochs * IMAGENET_TRAIN_IMAGES + batch - 1) // batch
+    c.schedule.warmup_steps = (warmup * IMAGENET_TRAIN_IMAGES + batch - 1) // batch  # 6,256
+    return c

@@ -1,0 +1,82 @@
+"""BERT-base pre-training as in Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional
+Transformers for Language Understanding" (NAACL), Sec. 3.1 and Appendix A.2.
+
+  maskjax describe --config=configs/bert_base.py
+  maskjax train --config=configs/bert_base.py --workdir=DIR \\
+      --config.data.corpus=/path/to/bookcorpus_and_wikipedia   # one document per file (or a glob)
+
+The corpus (BooksCorpus + English Wikipedia, Sec. 3.1) is the user's: `data.corpus` names it, and
+the first run prepares it with a newly trained 30,522-entry WordPiece vocabulary into
+$MASKJAX_DATA_DIR/<data.name> (or run `maskjax prepare-text --layout=bert --max_length=128,512`
+yourself, e.g. with `--tokenizer=bert-base-uncased/vocab.txt`; then set masking.mask_id=103,
+masking.special_ids=(101, 102), which the trainer checks against the prepared tokenizer).
+"""
+
+import ml_collections
+
+from maskjax import models
+from maskjax.models import bert
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.family = "bert"
+    c.seed = 0
+    c.total_steps = 1_000_000  # A.2: "1,000,000 steps ... approximately 40 epochs over the 3.3B word corpus"
+    c.global_batch_size = 256  # A.2: "batch size of 256 sequences"
+    c.log_every = 1000
+    c.eval_every = 10_000
+    c.eval_batches = 20
+    c.checkpoint_every = 10_000
+    c.keep_checkpoints = 3
+
+    # A.2: "BERT-base was performed on 4 Cloud TPUs in Pod configuration (16 TPU chips total)". The paper
+    # does not name the TPU generation; this project targets TPU v3 (2 cores per chip): 16 chips = 32 cores.
+    # 110M parameters fit a 16 GiB v3 core many times over: pure data parallel, 8 sequences per core.
+    c.hardware = dict(
+        accelerator="v3-32", topology="v3:4x4", description="TPU v3, 32 cores (16 chips)", num_devices=32
+    )
+    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+
+    # A.2: sequences of 128 tokens for 90% of the steps, then 512 for the last 10% "to learn the positional
+    # embeddings". The training loop does not switch phases yet: this config runs phase 1 (128); phase 2
+    # is a second run resumed from it with --config.data.seq_length=512 --config.masking.max_predictions=80.
+    c.data = dict(
+        kind="text",
+        name="bert_books_wiki",
+        layout="bert",  # [CLS] A [SEP] B [SEP] pairs with next-sentence labels (Sec. 3.1, Task #2)
+        corpus="REQUIRED: --config.data.corpus=/path/to/bookcorpus_and_wikipedia",
+        seq_length=128,
+        phase2_seq_length=512,
+        phase2_fraction=0.1,
+        vocab_size=30522,  # Sec. 3 / A.1: WordPiece with a 30,000-token vocabulary (30,522 in the release)
+    )
+    c.masking = dict(
+        strategy="bert",  # the paper masks WordPiece tokens; whole-word masking came with a later release
+        mask_prob=0.15,  # Sec. 3.1, Task #1: 15% of the tokens, 80% [MASK] / 10% random / 10% unchanged
+        # Not in the paper: the released code's max_predictions_per_seq, 20 at length 128 and 80 at 512
+        # (google-research/bert README, "Pre-training with BERT").
+        max_predictions=20,
+        phase2_max_predictions=80,
+        # Ids of a WordPiece vocabulary trained by `prepare-text`: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4.
+        mask_id=4,
+        pad_id=0,
+        special_ids=(2, 3),
+    )
+    # Sec. 3: L=12, H=768, A=12 (FFN 4H = 3072); A.2: dropout 0.1 on all layers, GELU — the factory's values.
+    # bf16 compute, fp32 parameters and optimizer state (DESIGN.md); --config.model.dtype=float32 for fp32.
+    c.model = models.config_to_dict(bert.bert_base(dtype="bfloat16"))
+    c.optimizer = dict(
+        name="adamw",  # A.2: Adam with L2 weight decay 0.01 (the release decouples it: AdamWeightDecay)
+        peak_lr=1e-4,  # A.2
+        b1=0.9,  # A.2
+        b2=0.999,  # A.2
+        eps=1e-6,  # not in the paper: the released optimization.py
+        weight_decay=0.01,  # A.2
+        grad_clip=1.0,  # not in the paper: the released optimization.py clips the global norm at 1.0
+        no_decay=("bias", "scale"),  # the release exempts LayerNorm and bias from weight decay
+    )
+    # A.2: "learning rate warmup over the first 10,000 steps, and linear decay of the learning rate" (to 0 in
+    # the release, whose polynomial decay spans all steps; here it spans the steps after warmup).
+    c.schedule = dict(warmup_steps=10_000, decay="linear", end_lr=0.0)
+    return c
