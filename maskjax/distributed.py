@@ -1,8 +1,9 @@
 """Join the other processes of a job before JAX touches a device: localhost emulation or a TPU pod.
 
-`maybe_initialize()` runs first thing in `maskjax <command>` (cli.main). It reads
-the environment, so the same command line runs alone, as one of N processes on
-this machine (`launch/local.py`), or on every host of a pod (`launch/tpu.py`):
+`maybe_initialize()` runs in `maskjax <command>` (cli.main) before the command
+touches JAX. It reads the environment, so the same command line runs alone, as one
+of N processes on this machine (`launch/local.py`), or on every host of a pod
+(`launch/tpu.py`):
 
   MASKJAX_COORDINATOR=HOST:PORT   process 0's address; the coordination service runs there.
   MASKJAX_NUM_PROCESSES=N         processes in the job (all three of these, or none).
@@ -10,8 +11,9 @@ this machine (`launch/local.py`), or on every host of a pod (`launch/tpu.py`):
   MASKJAX_LOCAL_DEVICES=M         CPU devices this process emulates (jax_num_cpu_devices; it
                                   overrides XLA_FLAGS' --xla_force_host_platform_device_count).
   MASKJAX_DISTRIBUTED=1 | 0       1: jax.distributed.initialize() with no arguments (TPU pod,
-                                  Slurm, ...: JAX finds the cluster); 0: never join. Unset: join
-                                  when on a Cloud TPU VM, else only when MASKJAX_COORDINATOR is set.
+                                  Slurm, ...: JAX finds the cluster; launch/tpu.py sets it);
+                                  0: never join. Unset: join when MASKJAX_COORDINATOR is set, or
+                                  for `train` / `benchmark-input` on a Cloud TPU VM (detect_tpu).
   MASKJAX_INIT_TIMEOUT=S          seconds to wait for every peer to connect (default 300).
   MASKJAX_HEARTBEAT_TIMEOUT=S     seconds without a peer's heartbeat before the job is declared
                                   dead and every survivor exits non-zero (default 100).
@@ -61,9 +63,11 @@ def _on_cloud_tpu_vm() -> bool:
         return False
 
 
-def maybe_initialize() -> bool:
+def maybe_initialize(detect_tpu: bool = False) -> bool:
     """Call jax.distributed.initialize as the environment asks; True when this process joined a job.
 
+    detect_tpu: with MASKJAX_DISTRIBUTED unset, join when on a Cloud TPU VM. Only for commands that
+    every host runs (a command run on one host of a pod would wait for the others in vain).
     Must run before any JAX computation or `jax.devices()` (JAX refuses later).
     """
     local_devices = _int_env("LOCAL_DEVICES")
@@ -87,7 +91,7 @@ def maybe_initialize() -> bool:
             )
         jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
         return True
-    if explicit == "1" or (explicit is None and _on_cloud_tpu_vm()):
+    if explicit == "1" or (explicit is None and detect_tpu and _on_cloud_tpu_vm()):
         jax.distributed.initialize(**timeouts)  # the cluster (TPU metadata, Slurm, MPI) says who is who
         return True
     return False

@@ -194,7 +194,7 @@ class _Preemption:
         self.requested = False
         # Several processes: JAX's own SIGTERM handler tells the coordination service, which picks one
         # step for all (check); a Python handler would replace it and each host would stop alone.
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = signal.signal(signal.SIGTERM, self._handle) if jax.process_count() == 1 else None
 
     def _handle(self, signum, frame):
         self.requested = True

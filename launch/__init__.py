@@ -1,0 +1,1 @@
+"""Launchers of `maskjax train` on many hosts: tpu.py (TPU pods via gcloud), local.py (localhost)."""

@@ -1,0 +1,269 @@
+"""Several processes on this machine, joined by jax.distributed.initialize, train as one job.
+
+2 processes x 4 CPU devices (launch/local.py) must give the losses of 1 process x 8 devices, write a
+checkpoint that 1 process x 4 devices resumes, and a process that dies (or never comes) must end the
+job with an error, never a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tiny_configs import tiny
+
+from maskjax import train
+from maskjax.data import image_datasets
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = [sys.executable, str(ROOT / "launch" / "local.py")]
+# Steps 1-3 have the same learning rate whether a run has 3 or 6 steps (2 warmup steps, then
+# cosine from the peak), so a 3-step run continued to 6 must match an uninterrupted 6-step run.
+FIRST, TOTAL = 3, 6
+JOB_VARIABLES = [
+    f"MASKJAX_{name}"
+    for name in ("COORDINATOR", "NUM_PROCESSES", "PROCESS_ID", "LOCAL_DEVICES", "DISTRIBUTED")
+    + ("INIT_TIMEOUT", "HEARTBEAT_TIMEOUT", "SHUTDOWN_TIMEOUT")
+]
+
+
+def _env(devices: int | None = None, **extra: str) -> dict[str, str]:
+    """The test's environment minus conftest's 8 host devices (a child sets its own)."""
+    env = {k: v for k, v in os.environ.items() if k not in JOB_VARIABLES}
+    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\S*", "", env.get("XLA_FLAGS", ""))
+    if devices is not None:
+        env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONUNBUFFERED"] = "1"
+    return {**env, **extra}
+
+
+def _config_file(tmp_path: Path, data_dir: Path, **overrides) -> Path:
+    path = tmp_path / "mae_config.py"
+    path.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from pathlib import Path\n"
+        "from tiny_configs import tiny\n\n"
+        "def get_config():\n"
+        f"    return tiny('mae', Path({str(data_dir)!r}), **{overrides!r})\n"
+    )
+    return path
+
+
+def _train(config: Path, workdir: Path) -> list[str]:
+    return [sys.executable, "-m", "maskjax", "train", f"--config={config}", f"--workdir={workdir}"]
+
+
+def _rows(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _rows(workdir) if r.get("split") != "eval"}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """The digits dataset, prepared once here rather than by every job."""
+    d = tmp_path_factory.mktemp("data")
+    image_datasets.prepare("digits", d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory) -> dict[int, float]:
+    """1 process x 8 devices (this one), 6 steps."""
+    workdir = tmp_path_factory.mktemp("reference")
+    train.train(tiny("mae", data_dir, total_steps=TOTAL, eval_every=100, checkpoint_every=100), workdir)
+    return _losses(workdir)
+
+
+def test_2x4_processes_match_1x8_and_resume_on_1x4(data_dir, reference, tmp_path):
+    workdir = tmp_path / "run"
+    first = _config_file(tmp_path, data_dir, total_steps=FIRST, eval_every=100, checkpoint_every=FIRST)
+    launched = subprocess.run(
+        [*LAUNCH, "--processes=2", "--devices-per-process=4", "--", *_train(first, workdir)],
+        env=_env(devices=8),  # the launcher must override the 8 host devices conftest asks for
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = launched.stdout
+    assert launched.returncode == 0, out[-5000:]
+    for p in ("p0", "p1"):  # both processes ran every step
+        assert re.search(rf"^\[{p}\] step {FIRST}/{FIRST} ", out, re.M), out[-3000:]
+    params = workdir / "checkpoints" / str(FIRST) / "params"
+    assert (params / "commit_success.txt").exists()
+    # orbax's record of the checkpoint: both processes wrote their shards, over one mesh of 8 devices.
+    assert (params / "ocdbt.process_0").exists() and (params / "ocdbt.process_1").exists()
+    mesh = json.loads(next(iter(json.loads((params / "_sharding").read_text()).values())))
+    assert mesh["shape"] == [8, 1, 1] and len(re.findall(r'"id"', json.dumps(mesh["device_mesh"]))) == 8
+    two_by_four = _losses(workdir)
+    # Written by process 0 alone: one row per step, one eval row, and the report after training.
+    assert [r["step"] for r in _rows(workdir)] == [1, 2, 3, 3]
+    assert (workdir / "report.json").exists()
+    # Same global batch and per-device rows as 1 x 8; only the cross-process (gloo) sums round
+    # differently: here steps 1-2 match bit for bit and step 3 by one float32 ulp.
+    assert sorted(two_by_four) == [1, 2, 3]
+    for s in two_by_four:
+        assert two_by_four[s] == pytest.approx(reference[s], rel=1e-6), (s, two_by_four[s], reference[s])
+
+    # The 2-process checkpoint, resumed by a single process with 4 devices.
+    rest = _config_file(tmp_path, data_dir, total_steps=TOTAL, eval_every=100, checkpoint_every=100)
+    resumed = subprocess.run(
+        _train(rest, workdir), env=_env(devices=4), capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    assert f"resumed from step {FIRST}" in resumed.stdout
+    after = _losses(workdir)
+    assert sorted(after) == list(range(1, TOTAL + 1))
+    # 4 devices reduce the batch in another order than 8: equal to rounding, not to the bit.
+    for s in range(FIRST + 1, TOTAL + 1):
+        assert after[s] == pytest.approx(reference[s], rel=1e-5), (s, after[s], reference[s])
+
+
+def _start_launcher(command: list[str], log: Path, **flags) -> tuple[subprocess.Popen, dict[str, int]]:
+    """launch/local.py with 2 x 4 devices, output to `log`; returns it and its children's pids."""
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [*LAUNCH, "--processes=2", "--devices-per-process=4", *args, "--", *command],
+            env=_env(devices=8),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while len(pids := dict(re.findall(r"^\[launch\] (p\d) pid (\d+)$", log.read_text(), re.M))) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
+    return proc, {k: int(v) for k, v in pids.items()}
+
+
+def _wait_for(path: Path, procs: list[subprocess.Popen], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert all(p.poll() is None for p in procs), "a process ended early"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_a_killed_process_stops_the_launched_job(data_dir, tmp_path):
+    config = _config_file(tmp_path, data_dir, total_steps=10_000, eval_every=10_000, checkpoint_every=10_000)
+    workdir = tmp_path / "run"
+    launcher, pids = _start_launcher(_train(config, workdir), tmp_path / "log.txt", grace=2)
+    try:
+        # config.json is written once every process has joined the job and built its Trainer.
+        _wait_for(workdir / "config.json", [launcher])
+        os.kill(pids["p1"], signal.SIGKILL)
+        killed = time.monotonic()
+        launcher.wait(timeout=60)
+        took = time.monotonic() - killed
+    finally:
+        launcher.kill()
+        launcher.wait()
+    output = (tmp_path / "log.txt").read_text()
+    assert launcher.returncode == 128 + signal.SIGKILL, output[-3000:]
+    assert f"p1 exited with status {128 + signal.SIGKILL}" in output
+    assert took < 30, f"the launcher needed {took:.0f}s to stop the job"
+    assert not _alive(pids["p0"]) and not _alive(pids["p1"]), "a child outlived the launcher"
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(data_dir, tmp_path):
+    """As when one host of a pod is preempted: all save the same step, jointly, and exit 0."""
+    config = _config_file(tmp_path, data_dir, total_steps=10_000, eval_every=10_000, checkpoint_every=10_000)
+    workdir, log = tmp_path / "run", tmp_path / "log.txt"
+    launcher, pids = _start_launcher(_train(config, workdir), log)
+    try:
+        _wait_for(workdir / "metrics.jsonl", [launcher])
+        os.kill(pids["p1"], signal.SIGTERM)
+        launcher.wait(timeout=120)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    output = log.read_text()
+    assert launcher.returncode == 0, output[-3000:]
+    saved = dict(re.findall(r"^\[(p\d)\] SIGTERM: saving step (\d+) and exiting$", output, re.M))
+    assert saved.keys() == {"p0", "p1"} and saved["p0"] == saved["p1"], output[-3000:]
+    step = int(saved["p0"])
+    assert [p.name for p in (workdir / "checkpoints").iterdir()] == [str(step)]
+    assert (workdir / "checkpoints" / str(step) / "commit_success.txt").exists()
+    assert _rows(workdir)[-1]["step"] == step
+
+
+def _by_hand(command: list[str], process_id: int, port: int, log: Path, **env: str) -> subprocess.Popen:
+    """One process of a 2-process job started as a user would, with no launcher watching it."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            command,
+            env=_env(
+                MASKJAX_COORDINATOR=f"127.0.0.1:{port}",
+                MASKJAX_NUM_PROCESSES="2",
+                MASKJAX_PROCESS_ID=str(process_id),
+                MASKJAX_LOCAL_DEVICES="4",
+                **env,
+            ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_process_whose_peer_never_comes_exits_with_an_error(data_dir, tmp_path):
+    config, log = _config_file(tmp_path, data_dir), tmp_path / "p0.txt"
+    alone = _by_hand(_train(config, tmp_path / "run"), 0, _free_port(), log, MASKJAX_INIT_TIMEOUT="3")
+    alone.wait(timeout=120)
+    assert alone.returncode != 0, log.read_text()[-3000:]
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.mark.parametrize("death", ["sigkill", "exception"])
+def test_a_process_whose_peer_dies_exits_with_an_error(death, data_dir, tmp_path):
+    """No launcher: the coordination service notices the missing heartbeats and aborts the survivor.
+
+    A peer failing with an exception must end at once too, not in JAX's graceful shutdown, which
+    would wait up to MASKJAX_SHUTDOWN_TIMEOUT for a survivor that is itself waiting for it.
+    """
+    config = _config_file(tmp_path, data_dir, total_steps=10_000, eval_every=10_000, checkpoint_every=10_000)
+    workdir, port = tmp_path / "run", _free_port()
+    commands = [_train(config, workdir), _train(config, workdir)]
+    if death == "exception":
+        commands[1] = _train(tmp_path / "no_such_config.py", workdir)
+    procs = [
+        _by_hand(commands[i], i, port, tmp_path / f"p{i}.txt", MASKJAX_HEARTBEAT_TIMEOUT="3") for i in (0, 1)
+    ]
+    try:
+        if death == "sigkill":
+            _wait_for(workdir / "config.json", procs)
+            procs[1].kill()
+        died = time.monotonic()
+        procs[1].wait(timeout=60)
+        procs[0].wait(timeout=90)
+        took = time.monotonic() - died
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[1].returncode != 0 and procs[0].returncode != 0, (tmp_path / "p0.txt").read_text()[-3000:]
+    assert took < 60, f"the processes needed {took:.0f}s to give up"
