@@ -27,16 +27,17 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.family = "beit"
     c.seed = 0
-    c.global_batch_size = 2048  # appendix table: batch size 2048 (Sec. 3.1: "2k batch size")
+    c.global_batch_size = 2048  # appendix table: batch size 2048 (pre-training setup: "2k batch size")
     c.log_every = 100
     c.eval_every = 5000
     c.eval_batches = 4
     c.checkpoint_every = 5000
     c.keep_checkpoints = 3
 
-    # Sec. 3.1: "The 500k training steps (i.e., 800 epochs) with 2k batch size take about five days using
-    # 16 Nvidia Telsa V100 32GB GPU cards." No TPU topology. 128 images per GPU; 86M parameters
-    # and their activations (~12 GB in 16 bits, estimated) fit a 32 GB V100: pure data parallel.
+    # Pre-training setup (Sec. 2.5): "The 500k training steps (i.e., 800 epochs) with 2k batch size take
+    # about five days using 16 Nvidia Telsa V100 32GB GPU cards." No TPU topology. 128 images per GPU;
+    # 92M parameters and their activations (~12 GB in 16 bits, estimated) fit a 32 GB V100: pure data
+    # parallel.
     c.hardware = dict(
         accelerator="v100-32gb",
         topology=config_dict.placeholder(str),  # GPUs: no TPU topology

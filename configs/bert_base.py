@@ -7,9 +7,10 @@ Transformers for Language Understanding" (NAACL), Sec. 3.1 and Appendix A.2.
 
 The corpus (BooksCorpus + English Wikipedia, Sec. 3.1) is the user's: `data.corpus` names it, and
 the first run prepares it with a newly trained 30,522-entry WordPiece vocabulary into
-$MASKJAX_DATA_DIR/<data.name> (or run `maskjax prepare-text --layout=bert --max_length=128,512`
-yourself, e.g. with `--tokenizer=bert-base-uncased/vocab.txt`; then set masking.mask_id=103,
-masking.special_ids=(101, 102), which the trainer checks against the prepared tokenizer).
+$MASKJAX_DATA_DIR/<data.name>. To use BERT's own vocabulary instead, run `maskjax prepare-text
+--inputs=CORPUS --out=$MASKJAX_DATA_DIR/bert_books_wiki --layout=bert --max_length=128
+--tokenizer=bert-base-uncased/vocab.txt` first and set masking.mask_id=103, masking.special_ids=(101, 102)
+(the trainer checks them against the prepared tokenizer).
 """
 
 import ml_collections
@@ -32,32 +33,32 @@ def get_config() -> ml_collections.ConfigDict:
 
     # A.2: "BERT-base was performed on 4 Cloud TPUs in Pod configuration (16 TPU chips total)". The paper
     # does not name the TPU generation; this project targets TPU v3 (2 cores per chip): 16 chips = 32 cores.
-    # 110M parameters fit a 16 GiB v3 core many times over: pure data parallel, 8 sequences per core.
+    # Pure data parallel, 8 sequences per core: 2.9 GiB of a 16 GiB v3 core (maskjax.aot on v3:4x4).
     c.hardware = dict(
         accelerator="v3-32", topology="v3:4x4", description="TPU v3, 32 cores (16 chips)", num_devices=32
     )
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
 
     # A.2: sequences of 128 tokens for 90% of the steps, then 512 for the last 10% "to learn the positional
-    # embeddings". The training loop does not switch phases yet: this config runs phase 1 (128); phase 2
-    # is a second run resumed from it with --config.data.seq_length=512 --config.masking.max_predictions=80.
+    # embeddings": two phases of one run (the state carries over; data and masking budget change).
+    # max_predictions: the released code's max_predictions_per_seq, 20 at 128 and 80 at 512 (not in the
+    # paper; google-research/bert README, "Pre-training with BERT").
+    c.phases = [
+        dict(until=0.9, data=dict(seq_length=128), masking=dict(max_predictions=20)),
+        dict(until=1.0, data=dict(seq_length=512), masking=dict(max_predictions=80)),
+    ]
     c.data = dict(
         kind="text",
         name="bert_books_wiki",
         layout="bert",  # [CLS] A [SEP] B [SEP] pairs with next-sentence labels (Sec. 3.1, Task #2)
         corpus="REQUIRED: --config.data.corpus=/path/to/bookcorpus_and_wikipedia",
-        seq_length=128,
-        phase2_seq_length=512,
-        phase2_fraction=0.1,
-        vocab_size=30522,  # Sec. 3 / A.1: WordPiece with a 30,000-token vocabulary (30,522 in the release)
+        seq_length=128,  # phase 1; see c.phases
+        vocab_size=30522,  # Sec. 3: WordPiece with a 30,000-token vocabulary (30,522 in the release)
     )
     c.masking = dict(
         strategy="bert",  # the paper masks WordPiece tokens; whole-word masking came with a later release
         mask_prob=0.15,  # Sec. 3.1, Task #1: 15% of the tokens, 80% [MASK] / 10% random / 10% unchanged
-        # Not in the paper: the released code's max_predictions_per_seq, 20 at length 128 and 80 at 512
-        # (google-research/bert README, "Pre-training with BERT").
-        max_predictions=20,
-        phase2_max_predictions=80,
+        max_predictions=20,  # phase 1; see c.phases
         # Ids of a WordPiece vocabulary trained by `prepare-text`: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4.
         mask_id=4,
         pad_id=0,

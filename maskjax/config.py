@@ -102,7 +102,33 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Any:
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
     _check_model(config, model_cfg)
+    _check_phases(config, model_cfg)
     return model_cfg
+
+
+def _check_phases(config: ml_collections.ConfigDict, model_cfg: Any) -> None:
+    """`phases`: `until` fractions increasing in (0, 1] and ending at 1; each phase's data must fit."""
+    phases = config.get("phases")
+    if not phases:
+        return
+    untils = [p.get("until") for p in phases]
+    if (
+        not all(isinstance(u, int | float) for u in untils)
+        or any(not a < b for a, b in zip([0, *untils], untils, strict=False))
+        or untils[-1] != 1
+    ):
+        raise ConfigError(f"phases[*].until must increase within (0, 1] and end at 1.0; got {untils}")
+    for i, phase in enumerate(phases):
+        unknown = sorted(set(phase) - {"until"} - set(config.keys()))
+        if unknown:
+            raise ConfigError(
+                f"phases[{i}].{unknown[0]} is not a config section; allowed: {sorted(config.keys())}"
+            )
+        trial = ml_collections.ConfigDict(config.to_dict())
+        for section, values in phase.items():
+            if section != "until":
+                trial[section].update(dict(values))
+        _check_model(trial, model_cfg)
 
 
 def rules(config: ml_collections.ConfigDict) -> dict:

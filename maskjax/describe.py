@@ -75,9 +75,15 @@ def _data(config: ml_collections.ConfigDict, cfg: Any) -> dict[str, Any]:
     data = config.data
     seq = data.get("seq_length") if data.get("kind") == "text" else _num_patches(cfg)
     out = {"global_batch": config.global_batch_size, "seq_length": seq}
-    for key in ("phase2_seq_length", "phase2_fraction"):
-        if key in data:
-            out[key] = data[key]
+    if config.get("phases"):  # e.g. BERT: 128 tokens for 90% of the steps, then 512
+        out["phases"] = [
+            {
+                "until_step": round(p["until"] * config.total_steps),
+                **p.get("data", {}),
+                **p.get("masking", {}),
+            }
+            for p in config.phases
+        ]
     return out
 
 

@@ -268,3 +268,13 @@ def test_two_phase_schedule_switches_data_and_resumes_in_phase_two(data_dir, tmp
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert sorted(resumed) == [5, 6]
     assert [resumed[s] for s in (5, 6)] == [straight[s] for s in (5, 6)]
+
+
+def test_a_phase_longer_than_the_position_table_is_refused(data_dir):
+    config = tiny("bert", data_dir)
+    config.phases = [{"until": 0.5, "data": {"seq_length": 16}}, {"until": 1.0, "data": {"seq_length": 64}}]
+    with pytest.raises(ConfigError, match="seq_length=64"):
+        train.Trainer(config)
+    config.phases = [{"until": 0.7, "data": {"seq_length": 16}}, {"until": 0.5, "data": {"seq_length": 32}}]
+    with pytest.raises(ConfigError, match="until"):
+        train.Trainer(config)
