@@ -62,6 +62,24 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.masking = dict(
         tokenizer_workdir="REQUIRED: --config.masking.tokenizer_workdir=<a trained maskjax vqvae workdir>",
+        # The tokenizer's model: BEiT's targets come from DALL-E's dVAE (8192 codes, one per 16×16 patch,
+        # Sec. 2.1.2), which cannot be loaded here; configs/beit_tokenizer.py trains this VQ-VAE in its
+        # place. Its sizes are ours, not the paper's. Stating them lets `maskjax compile` build the step
+        # without the checkpoint; training checks them against it.
+        tokenizer=models.config_to_dict(
+            beit.VqConfig(
+                image_size=224,
+                patch_size=16,
+                channels=3,
+                codebook_size=8192,
+                code_dim=32,
+                hidden=256,
+                layers=4,
+                heads=4,
+                mlp_dim=1024,
+                dtype="bfloat16",
+            )
+        ),
         num_masked=75,  # Sec. 2.3: "we randomly mask approximately 40% image patches" = 75 of 196
         min_block=16,  # Algorithm 1: blocks of at least 16 patches
     )

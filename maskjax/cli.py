@@ -112,6 +112,13 @@ def _benchmark_input() -> None:
     print(json.dumps(result, indent=2))
 
 
+def _config_path() -> str:
+    """The --config file as the user named it (without a :variant suffix)."""
+    from ml_collections import config_flags
+
+    return config_flags.get_config_filename(FLAGS["config"])
+
+
 def _describe_flags() -> None:
     _config_flag()
 
@@ -131,7 +138,12 @@ def _compile_flags() -> None:
 def _compile() -> None:
     from maskjax import aot
 
-    result = aot.compile_config(FLAGS.config, topology=FLAGS.topology, hbm_gib=FLAGS.hbm_gib)
+    try:
+        result = aot.compile_config(
+            FLAGS.config, topology=FLAGS.topology, hbm_gib=FLAGS.hbm_gib, name=_config_path()
+        )
+    except ImportError as e:
+        raise UsageError(f"--topology needs libtpu: pip install 'maskjax[tpu]' ({e})") from None
     print(json.dumps(result, indent=2))
     if not result.get("fits", True):
         sys.exit(1)
