@@ -8,7 +8,7 @@ Transformers for Language Understanding" (NAACL), Sec. 3.1 and Appendix A.2.
 The corpus (BooksCorpus + English Wikipedia, Sec. 3.1) is the user's: `data.corpus` names it, and
 the first run prepares it with a newly trained 30,522-entry WordPiece vocabulary into
 $MASKJAX_DATA_DIR/<data.name>. To use BERT's own vocabulary instead, run `maskjax prepare-text
---inputs=CORPUS --out=$MASKJAX_DATA_DIR/bert_books_wiki --layout=bert --max_length=128
+--inputs=CORPUS --out=$MASKJAX_DATA_DIR/bert_books_wiki --layout=bert --max_length=128,512
 --tokenizer=bert-base-uncased/vocab.txt` first and set masking.mask_id=103, masking.special_ids=(101, 102)
 (the trainer checks them against the prepared tokenizer).
 """

@@ -196,7 +196,8 @@ def install_command(job: Job) -> str:
             f"{uv} {shlex.join(['venv', '--quiet', '--python', job.python, REMOTE_VENV])}",
             f"{uv} "
             + shlex.join(
-                ["pip", "install", "--quiet", "--python", f"{REMOTE_VENV}/bin/python", f"./{REMOTE_SRC}"]
+                # [gcs]: gs:// workdirs and data (gcsfs for orbax/epath, google-cloud-storage for TensorBoard)
+                ["pip", "install", "--quiet", "--python", f"{REMOTE_VENV}/bin/python", f"./{REMOTE_SRC}[gcs]"]
                 + [job.jax_requirement]
             ),
         ]

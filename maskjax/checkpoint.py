@@ -1,8 +1,11 @@
 """Checkpoints on disk, written and read with orbax.
 
-Layout of a workdir:  DIR/checkpoints/<step>/{params, model}/...
+Layout of a workdir:  DIR/checkpoints/<step>/{params, model, opt, data}/...
   params  the model parameters (orbax StandardSave: sharded, restorable onto any mesh)
   model   JSON: {"family": ..., "config": {...}} — enough to rebuild the model
+  opt     optimizer state and step            (training runs only; see train.py)
+  data    JSON: the input pipeline's position (training runs only)
+`import-hf` writes params + model; `export-hf` and BEiT's tokenizer read them from either kind.
 
 orbax writes each step into a temporary folder and renames it when complete, so
 a crash mid-save never leaves a step that restores wrong.
@@ -10,25 +13,34 @@ a crash mid-save never leaves a step that restores wrong.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from maskjax import models
 
 
+def checkpoints_dir(workdir: str | os.PathLike) -> epath.Path:
+    """workdir/checkpoints, local (made absolute) or on an object store (gs://...)."""
+    path = str(workdir)
+    return epath.Path(path if "://" in path else os.path.abspath(path)) / "checkpoints"
+
+
 def manager(
-    workdir: str | Path, *, keep: int | None = None, read_only: bool = False
+    workdir: str | os.PathLike, *, keep: int | None = None, read_only: bool = False
 ) -> ocp.CheckpointManager:
-    directory = Path(workdir).absolute() / "checkpoints"
+    directory = checkpoints_dir(workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
     return ocp.CheckpointManager(directory, options=options, item_names=("params", "model"))
 
 
-def save_params(workdir: str | Path, family: str, cfg: Any, params: dict, *, step: int = 0) -> Path:
+def save_params(
+    workdir: str | os.PathLike, family: str, cfg: Any, params: dict, *, step: int = 0
+) -> epath.Path:
     """Write `params` (a pure dict, as `nnx.to_pure_dict`) and the model spec as step `step`."""
     spec = {"family": family, "config": models.config_to_dict(cfg)}
     with manager(workdir) as mngr:
@@ -38,21 +50,27 @@ def save_params(workdir: str | Path, family: str, cfg: Any, params: dict, *, ste
             force=True,
         )
         mngr.wait_until_finished()
-    return Path(workdir).absolute() / "checkpoints" / str(step)
+    return checkpoints_dir(workdir) / str(step)
 
 
-def load_params(workdir: str | Path, step: int | None = None) -> tuple[str, Any, dict]:
-    """(family, model config, params) of step `step` (default: the latest), on the default device."""
+def load_params(
+    workdir: str | os.PathLike, step: int | None = None, sharding: jax.sharding.Sharding | None = None
+) -> tuple[str, Any, dict]:
+    """(family, model config, params) of step `step` (default: the latest).
+
+    The parameters land in `sharding` (default: this process's first device); with several
+    processes pass a sharding over the global devices, e.g. replicated on the mesh.
+    """
     with manager(workdir, read_only=True) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint under {Path(workdir) / 'checkpoints'}")
+            raise FileNotFoundError(f"no checkpoint under {checkpoints_dir(workdir)}")
         spec = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]
         family = spec["family"]
         cfg = models.make_config(family, spec["config"])
         abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: models.build(family, cfg)), nnx.Param))
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
         params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))[
             "params"
         ]

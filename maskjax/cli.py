@@ -17,7 +17,7 @@ FLAGS = flags.FLAGS
 
 
 class UsageError(Exception):
-    """A user's mistake: printed as one line, exit status 2, no traceback."""
+    """A user's mistake on the command line: printed as one line, no traceback."""
 
 
 def _config_flag() -> None:
@@ -160,7 +160,10 @@ def _import_hf() -> None:
 
     if not FLAGS.hf_dir or not FLAGS.out:
         raise UsageError("import-hf needs --hf-dir=DIR and --out=DIR")
-    imported = interop.load_hf(FLAGS.hf_dir, seed=FLAGS.seed)
+    try:
+        imported = interop.load_hf(FLAGS.hf_dir, seed=FLAGS.seed)
+    except (ValueError, KeyError) as e:  # an architecture or layout we do not convert
+        raise UsageError(f"--hf-dir={FLAGS.hf_dir}: {e}") from None
     path = checkpoint.save_params(FLAGS.out, imported.family, imported.config, imported.params)
     print(f"{imported.family}: wrote {path}")
     for name in imported.missing:
@@ -213,10 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     define_flags()
     rest = [_underscore_flag_name(a) for a in argv[2:]]
 
+    from maskjax.config import ConfigError
+
     def _run(_: list[str]) -> None:
         try:
             run()
-        except (UsageError, ValueError, FileNotFoundError) as e:
+        except (UsageError, ConfigError, FileNotFoundError) as e:  # the user's to fix: one line
             sys.exit(f"maskjax {command}: {e}")
 
     from maskjax import distributed

@@ -20,6 +20,7 @@ from maskjax import models, sharding
 OPTIMIZERS = ("adamw", "lamb")
 DECAYS = ("linear", "cosine", "constant")
 REMAT = ("none", "full", "dots")
+MLM_STRATEGIES = ("bert", "whole_word", "span", "roberta")
 REQUIRED = (
     "family",
     "seed",
@@ -57,8 +58,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Any:
         if field not in config:
             raise ConfigError(f"{field} is missing from the config")
     family = config.family
-    if family not in models.FAMILIES:
-        raise ConfigError(f"family must be one of {sorted(models.FAMILIES)}; got {family!r}")
+    trainable = sorted(set(models.FAMILIES) - {"vit"})  # ViT is a fine-tuning model: no pre-training method
+    if family not in trainable:
+        raise ConfigError(f"family must be one of {trainable}; got {family!r}")
+    strategy = config.get("masking", {}).get("strategy")
+    if family in ("bert", "roberta") and strategy not in MLM_STRATEGIES:
+        raise ConfigError(f"masking.strategy must be one of {list(MLM_STRATEGIES)}; got {strategy!r}")
     for field in ("total_steps", "global_batch_size", "log_every", "eval_every", "checkpoint_every"):
         _positive_int(config, field)
     if config.get("keep_checkpoints") is not None:
@@ -81,6 +86,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Any:
         )
 
     opt = config.optimizer
+    for section, keys in (
+        ("optimizer", ("name", "b1", "b2", "eps", "weight_decay")),
+        ("schedule", ("decay",)),
+    ):
+        for key in keys:
+            if key not in config[section]:
+                raise ConfigError(f"{section}.{key} is missing from the config")
     if opt.get("name") not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name must be one of {list(OPTIMIZERS)}; got {opt.get('name')!r}")
     if not (opt.get("peak_lr") or opt.get("base_lr")):
@@ -106,6 +118,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Any:
     return model_cfg
 
 
+def _apply_phase(config: ml_collections.ConfigDict, phase: Any) -> ml_collections.ConfigDict:
+    merged = ml_collections.ConfigDict(config.to_dict())
+    if "phases" in merged:
+        del merged["phases"]
+    for section, values in phase.items():
+        if section != "until":
+            merged[section].update(dict(values))
+    return merged
+
+
 def _check_phases(config: ml_collections.ConfigDict, model_cfg: Any) -> None:
     """`phases`: `until` fractions increasing in (0, 1] and ending at 1; each phase's data must fit."""
     phases = config.get("phases")
@@ -124,11 +146,28 @@ def _check_phases(config: ml_collections.ConfigDict, model_cfg: Any) -> None:
             raise ConfigError(
                 f"phases[{i}].{unknown[0]} is not a config section; allowed: {sorted(config.keys())}"
             )
-        trial = ml_collections.ConfigDict(config.to_dict())
-        for section, values in phase.items():
-            if section != "until":
-                trial[section].update(dict(values))
-        _check_model(trial, model_cfg)
+        _check_model(_apply_phase(config, phase), model_cfg)
+
+
+def phases(config: ml_collections.ConfigDict) -> list[tuple[int, ml_collections.ConfigDict]]:
+    """[(first step, the config in force from it)]: one entry unless `config.phases` splits the run.
+
+    A paper that changes its data mid-run (BERT: 128 tokens for 90% of the steps, then 512,
+    Devlin et al. 2019, A.2) lists its phases, each `{"until": fraction of total_steps,
+    <section>: {field: value}}`; the state carries over, the data and the step function change.
+    """
+    if not config.get("phases"):
+        return [(0, config)]
+    _check_phases(config, None)
+    lengths = sorted({p["data"]["seq_length"] for p in config.phases if "seq_length" in p.get("data", {})})
+    result, start = [], 0
+    for phase in config.phases:
+        phase_config = _apply_phase(config, phase)
+        if lengths:  # every phase reads the one prepared folder, which holds each length
+            phase_config.data.prepare_lengths = lengths
+        result.append((start, phase_config))
+        start = round(phase["until"] * config.total_steps)
+    return result
 
 
 def rules(config: ml_collections.ConfigDict) -> dict:

@@ -5,7 +5,7 @@ Read top to bottom: config -> mesh -> sharded state -> jitted step -> loop
 `maskjax/methods/<family>.py`: its masking + model + loss.
 
   state = {"params": ..., "opt": ..., "step": int32}   (plain dicts; all on the mesh)
-  train_step(state, batch) -> (state, metrics)         one jit, state donated,
+  train_step(state, batch, extras) -> (state, metrics) one jit, state donated,
                                                         rng = fold_in(seed, step)
 """
 
@@ -27,8 +27,8 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from maskjax import checkpoint, methods, models, optim, sharding
 from maskjax import config as config_lib
-from maskjax import methods, models, optim, sharding
 from maskjax.data import loaders
 
 
@@ -93,7 +93,11 @@ class Trainer:
         self.peak_lr = optim.peak_learning_rate(opt, config.global_batch_size)
         sched = config.schedule
         self.lr = optim.schedule(
-            self.peak_lr, config.total_steps, sched.warmup_steps, sched.decay, sched.get("end_lr", 0.0)
+            self.peak_lr,
+            config.total_steps,
+            sched.get("warmup_steps", 0),
+            sched.decay,
+            sched.get("end_lr", 0.0),
         )
         self.tx = optim.make_optimizer(opt, self.lr, abstract_params, getattr(self.model_cfg, "layers", 0))
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
@@ -183,7 +187,7 @@ def _checkpoint_manager(workdir: epath.Path, config: ml_collections.ConfigDict) 
         max_to_keep=config.get("keep_checkpoints", 3), enable_async_checkpointing=True, create=True
     )
     return ocp.CheckpointManager(
-        workdir / "checkpoints", options=options, item_names=("params", "opt", "data", "model")
+        checkpoint.checkpoints_dir(workdir), options=options, item_names=("params", "opt", "data", "model")
     )
 
 
@@ -261,11 +265,11 @@ def _to_python(v: Any) -> Any:
     return v.item() if isinstance(v, np.ndarray) else v
 
 
-def evaluate(trainer: Trainer, params: dict, config: ml_collections.ConfigDict) -> dict:
-    """Mean of the family's metrics over `config.eval_batches` held-out batches."""
-    loader = loaders.make(config, "eval", start_step=0)
+def evaluate(trainer: Trainer, params: dict, loader: Any) -> dict:
+    """Mean of the family's metrics over the first `eval_batches` held-out batches, the same each time."""
+    loader.set_state({**loader.get_state(), "step": 0})
     totals: dict[str, float] = {}
-    n = config.get("eval_batches", 4)
+    n = trainer.config.get("eval_batches", 4)
     for i in range(n):
         m = jax.device_get(
             trainer.eval_step(params, trainer.put_batch(next(loader)), jnp.int32(i), trainer.extras)
@@ -290,30 +294,6 @@ def benchmark_step(trainer: Trainer, steps: int) -> float:
     return steps * config.global_batch_size / (time.perf_counter() - start)
 
 
-def phases(config: ml_collections.ConfigDict) -> list[tuple[int, ml_collections.ConfigDict]]:
-    """[(first step, the config in force from it)]: one entry unless `config.phases` splits the run.
-
-    A paper that changes its data mid-run (BERT: 128 tokens for 90% of the steps, then 512,
-    Devlin et al. 2019, A.2) lists its phases, each `{"until": fraction of total_steps,
-    <section>: {field: value}}`; the state carries over, the data and the step function change.
-    """
-    if not config.get("phases"):
-        return [(0, config)]
-    lengths = sorted({p["data"]["seq_length"] for p in config.phases if "seq_length" in p.get("data", {})})
-    result, start = [], 0
-    for phase in config.phases:
-        phase_config = ml_collections.ConfigDict(config.to_dict())
-        del phase_config["phases"]
-        for section, values in phase.items():
-            if section != "until":
-                phase_config[section].update(dict(values))
-        if lengths:  # every phase reads the one prepared folder, which holds each length
-            phase_config.data.prepare_lengths = lengths
-        result.append((start, phase_config))
-        start = round(phase["until"] * config.total_steps)
-    return result
-
-
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices: list | None = None) -> dict:
     """Train (or resume) the run in `workdir` (local or gs://) on `devices` (default: all).
 
@@ -323,7 +303,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
     if _is_local(workdir):
         workdir = epath.Path(os.path.abspath(workdir))
     workdir.mkdir(parents=True, exist_ok=True)
-    schedule = phases(config)
+    schedule = config_lib.phases(config)
     trainers = [Trainer(c, devices) for _, c in schedule]
     trainer = trainers[0]
     spec = {"family": trainer.family, "config": models.config_to_dict(trainer.model_cfg)}
@@ -354,14 +334,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
             data_state = restored.data
             print(f"resumed from step {latest}", flush=True)
 
-        def enter_phase(index: int, saved: dict | None = None) -> tuple[Trainer, Any]:
+        def enter_phase(index: int, saved: dict | None = None) -> tuple[Trainer, Any, Any]:
             start, phase_config = schedule[index]
             loader = loaders.make(phase_config, "train", start_step=0)
             if saved is not None and saved.get("phase", 0) == index:
-                loader.set_state(saved["loader"] if "loader" in saved else saved)
+                loader.set_state(saved["loader"])
             if len(schedule) > 1:
                 print(f"phase {index + 1}/{len(schedule)} from step {start}", flush=True)
-            return trainers[index], loader
+            return trainers[index], loader, loaders.make(phase_config, "eval")
 
         def save(step: int, state: dict) -> None:
             mngr.save(
@@ -379,21 +359,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
         preemption = _Preemption()
         step = int(jax.device_get(state["step"]))
         phase = phase_at(step)
-        trainer, loader = enter_phase(phase, data_state)
-        start_step, start_time = step, time.perf_counter()
+        trainer, loader, eval_loader = enter_phase(phase, data_state)
+        window_step, window_start = step, time.perf_counter()  # throughput since the last log line
         last: dict = {}
         try:
             while step < config.total_steps:
                 if phase + 1 < len(schedule) and step >= schedule[phase + 1][0]:
                     phase += 1
-                    trainer, loader = enter_phase(phase)
+                    loader.close()
+                    eval_loader.close()
+                    trainer, loader, eval_loader = enter_phase(phase)
                 batch = trainer.put_batch(next(loader))
                 state, metrics = trainer.train_step(state, batch, trainer.extras)
                 step += 1
                 if step % config.log_every == 0 or step == config.total_steps:
-                    elapsed = time.perf_counter() - start_time
-                    rate = (step - start_step) / max(elapsed, 1e-9)
-                    last = dict(jax.device_get(metrics))
+                    last = dict(jax.device_get(metrics))  # the one host sync, every log_every steps
+                    now = time.perf_counter()
+                    rate = (step - window_step) / max(now - window_start, 1e-9)
+                    window_step, window_start = step, now
                     # Bad records skipped by this process so far, in total and per reason.
                     last.update(examples_per_sec=rate * config.global_batch_size, **loader.stats)
                     writer.write(step, last)
@@ -404,19 +387,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
                         flush=True,
                     )
                 if step % config.eval_every == 0 or step == config.total_steps:
-                    ev = evaluate(trainer, state["params"], trainer.config)
+                    ev = evaluate(trainer, state["params"], eval_loader)
                     writer.write(step, {"split": "eval", **{f"eval_{k}": v for k, v in ev.items()}}, "")
                     last.update({f"eval_{k}": v for k, v in ev.items()})
-                if step % config.checkpoint_every == 0 or step == config.total_steps:
+                stop = preemption.check(step)
+                if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
                     save(step, state)
-                if preemption.check(step):
-                    print(f"SIGTERM: saving step {step} and exiting", flush=True)
-                    save(step, state)
+                if stop:
+                    print(f"SIGTERM: saved step {step}, exiting", flush=True)
                     break
             mngr.wait_until_finished()
         finally:
             preemption.restore()
             writer.close()
+            loader.close()
+            eval_loader.close()
     if step >= config.total_steps:
         if jax.process_count() > 1:  # the report runs on process 0 alone: gather the parameters first
             from jax.experimental import multihost_utils

@@ -152,7 +152,7 @@ def test_dry_run_of_a_v3_128_mae_job(checkout, env, tmp_path):
     pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     (jax_pin,) = [d for d in pins if d.startswith("jax==")]
     words = shlex.split(remote_command(install))
-    assert f"jax[tpu]{jax_pin[3:]}" in words and "./maskjax" in words and "maskjax-src.tar.gz" in words
+    assert f"jax[tpu]{jax_pin[3:]}" in words and "./maskjax[gcs]" in words and "maskjax-src.tar.gz" in words
     # ... and run `maskjax train` with the config path relative to the checkout root.
     words = shlex.split(remote_command(train))
     assert words[words.index("maskjax") :] == [

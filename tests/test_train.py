@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 from tiny_configs import FAMILIES, tiny
 
+from maskjax import config as config_lib
 from maskjax import train
 from maskjax.config import ConfigError
 from maskjax.data import text_datasets
@@ -257,7 +258,7 @@ def test_two_phase_schedule_switches_data_and_resumes_in_phase_two(data_dir, tmp
         {"until": 0.5, "data": {"seq_length": 16}, "masking": {"max_predictions": 3}},
         {"until": 1.0, "data": {"seq_length": 32}, "masking": {"max_predictions": 6}},
     ]
-    starts = [(start, c.data.seq_length, c.masking.max_predictions) for start, c in train.phases(config)]
+    starts = [(start, c.data.seq_length, c.masking.max_predictions) for start, c in config_lib.phases(config)]
     assert starts == [(0, 16, 3), (3, 32, 6)]
     train.train(config, tmp_path / "straight")
     # The same run stopped after its step-4 checkpoint (inside phase two), then resumed.
@@ -270,11 +271,20 @@ def test_two_phase_schedule_switches_data_and_resumes_in_phase_two(data_dir, tmp
     assert [resumed[s] for s in (5, 6)] == [straight[s] for s in (5, 6)]
 
 
-def test_a_phase_longer_than_the_position_table_is_refused(data_dir):
+@pytest.mark.parametrize(
+    "phases, message",
+    [
+        (
+            [{"until": 0.5, "data": {"seq_length": 16}}, {"until": 1.0, "data": {"seq_length": 64}}],
+            "seq_length=64",
+        ),
+        ([{"until": 0.7, "data": {"seq_length": 16}}, {"until": 0.5, "data": {"seq_length": 32}}], "until"),
+        ([{"until": 0.5, "dta": {"seq_length": 16}}, {"until": 1.0}], r"phases\[0\]\.dta"),
+    ],
+)
+def test_bad_phases_are_refused_before_training(phases, message, data_dir, tmp_path):
     config = tiny("bert", data_dir)
-    config.phases = [{"until": 0.5, "data": {"seq_length": 16}}, {"until": 1.0, "data": {"seq_length": 64}}]
-    with pytest.raises(ConfigError, match="seq_length=64"):
-        train.Trainer(config)
-    config.phases = [{"until": 0.7, "data": {"seq_length": 16}}, {"until": 0.5, "data": {"seq_length": 32}}]
-    with pytest.raises(ConfigError, match="until"):
-        train.Trainer(config)
+    config.phases = phases
+    with pytest.raises(ConfigError, match=message):
+        train.train(config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()

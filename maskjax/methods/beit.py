@@ -17,8 +17,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from etils import epath
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maskjax import checkpoint, losses, masking, models
 from maskjax.models import beit
@@ -26,7 +28,9 @@ from maskjax.models import beit
 
 @functools.cache
 def _tokenizer(workdir: str) -> tuple[Any, Any, dict]:
-    family, cfg, params = checkpoint.load_params(workdir)
+    # Replicated over every device of every process, so each process of a multi-host job holds it.
+    everywhere = NamedSharding(Mesh(np.array(jax.devices()), ("all",)), PartitionSpec())
+    family, cfg, params = checkpoint.load_params(workdir, sharding=everywhere)
     if family != "vqvae":
         raise ValueError(f"masking.tokenizer_workdir={workdir} holds a {family!r} checkpoint, not 'vqvae'")
     graphdef = nnx.split(nnx.eval_shape(lambda: models.build(family, cfg)))[0]

@@ -21,9 +21,10 @@ from etils import epath
 from flax import nnx
 
 from maskjax import losses, masking
+from maskjax.config import MLM_STRATEGIES
 from maskjax.models import bert
 
-STRATEGIES = ("bert", "whole_word", "span", "roberta")
+STRATEGIES = MLM_STRATEGIES
 
 
 def mask(key: jax.Array, batch: dict, vocab_size: int, m: Any) -> masking.MlmMask:
