@@ -136,6 +136,25 @@ def model_flops(config: ml_collections.ConfigDict, model_cfg: Any) -> dict[str, 
     }
 
 
+def matmul_peak_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+    """Measured dense-matmul FLOP/s of one local device: the denominator of MFU, never a datasheet's."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    device = jax.local_devices()[0]
+    a = jax.device_put(jnp.ones((n, n), dtype), device)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
 # ---------------------------------------------------------------------------- compiling here
 
 

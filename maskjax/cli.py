@@ -98,11 +98,20 @@ def _benchmark_input() -> None:
         seed=config.seed,
         num_workers=config.data.get("num_workers", 0),
     )
+    from maskjax import aot
+
     trainer = train.Trainer(config)
     consumed = train.benchmark_step(trainer, FLAGS.steps)
     rows = host["local_batch"]
+    # MFU: model FLOPs per second per device over the matmul peak measured here, in the compute dtype.
+    flops = aot.model_flops(config, trainer.model_cfg)["per_step"]
+    achieved = flops * consumed / config.global_batch_size / jax.device_count()
+    peak = aot.matmul_peak_flops(getattr(trainer.model_cfg, "dtype", "float32"))
     result = {
         "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
+        "train_step_model_tflops_per_sec_per_device": achieved / 1e12,
+        "measured_matmul_peak_tflops_per_device": peak / 1e12,
+        "mfu": achieved / peak,
         "input_examples_per_sec_per_process": host["examples_per_sec"],
         "input_tokens_per_sec_per_process": host.get("tokens_per_sec"),
         "train_step_examples_per_sec_per_process": consumed * rows / config.global_batch_size,

@@ -27,7 +27,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from maskjax import checkpoint, methods, models, optim, sharding
+from maskjax import aot, checkpoint, methods, models, optim, sharding
 from maskjax import config as config_lib
 from maskjax.data import loaders
 
@@ -83,6 +83,8 @@ class Trainer:
         if config.data.kind == "text" and not abstract:
             loaders.check_tokenizer(config)
         self.rules = config_lib.rules(config)
+
+        self.model_flops = aot.model_flops(config, self.model_cfg)["per_step"]  # for throughput in TFLOP/s
 
         abstract_model = nnx.eval_shape(lambda: models.build(self.family, self.model_cfg, config.seed))
         self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
@@ -378,7 +380,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
                     rate = (step - window_step) / max(now - window_start, 1e-9)
                     window_step, window_start = step, now
                     # Bad records skipped by this process so far, in total and per reason.
-                    last.update(examples_per_sec=rate * config.global_batch_size, **loader.stats)
+                    last.update(
+                        examples_per_sec=rate * config.global_batch_size,
+                        model_tflops_per_sec_per_device=rate * trainer.model_flops / trainer.mesh.size / 1e12,
+                        **loader.stats,
+                    )
                     writer.write(step, last)
                     eta = (config.total_steps - step) / max(rate, 1e-9)
                     print(
