@@ -350,13 +350,13 @@ def _compile_in_this_process(
 
 
 def compile_phases(config: ml_collections.ConfigDict, devices: list, **kwargs: Any) -> dict:
-    """`compile_step` for each phase of a run (`train.phases`: BERT's 128 then 512 tokens), which
+    """`compile_step` for each phase of a run (`config.phases`: BERT's 128 then 512 tokens), which
     compiles a step function of its own. One phase: its report. Several: the report of the phase
     that fits worst (the first that does not fit, else the largest peak), with `fits` and `compiled`
     over all of them, the total `compile_seconds`, and every phase's report under "phases"."""
-    from maskjax import train
+    from maskjax import config as config_lib
 
-    schedule = train.phases(config)
+    schedule = config_lib.phases(config)
     if len(schedule) == 1:
         return compile_step(config, devices, **kwargs)
     reports = [{"from_step": start, **compile_step(c, devices, **kwargs)} for start, c in schedule]

@@ -306,6 +306,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
         workdir = epath.Path(os.path.abspath(workdir))
     workdir.mkdir(parents=True, exist_ok=True)
     schedule = config_lib.phases(config)
+    for _, phase_config in schedule:  # every phase is checked before anything is built or read
+        config_lib.validate(phase_config, len(devices) if devices is not None else jax.device_count())
     trainers = [Trainer(c, devices) for _, c in schedule]
     trainer = trainers[0]
     spec = {"family": trainer.family, "config": models.config_to_dict(trainer.model_cfg)}

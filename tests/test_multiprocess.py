@@ -200,7 +200,7 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(data_dir, t
         launcher.wait()
     output = log.read_text()
     assert launcher.returncode == 0, output[-3000:]
-    saved = dict(re.findall(r"^\[(p\d)\] SIGTERM: saving step (\d+) and exiting$", output, re.M))
+    saved = dict(re.findall(r"^\[(p\d)\] SIGTERM: saved step (\d+), exiting$", output, re.M))
     assert saved.keys() == {"p0", "p1"} and saved["p0"] == saved["p1"], output[-3000:]
     step = int(saved["p0"])
     assert [p.name for p in (workdir / "checkpoints").iterdir()] == [str(step)]
