@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
 
 _MODULES = {
     "bert": "maskjax.methods.bert",
@@ -27,3 +31,9 @@ def get(family: str) -> ModuleType:
     if family not in _MODULES:
         raise ValueError(f"family must be one of {sorted(_MODULES)}; got {family!r}")
     return importlib.import_module(_MODULES[family])
+
+
+def image_batch_spec(config: Any, model_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the image loaders produce: {"image": (B, H, W, C) float32, normalised}."""
+    size, channels = model_cfg.image_size, model_cfg.channels
+    return {"image": jax.ShapeDtypeStruct((config.global_batch_size, size, size, channels), jnp.float32)}

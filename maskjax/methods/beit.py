@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maskjax import checkpoint, losses, masking, models
+from maskjax.methods import image_batch_spec
 from maskjax.models import beit
 
 
@@ -106,10 +107,7 @@ def loss(
     return value, {"loss": value, "accuracy": losses.masked_accuracy(out["logits"], targets, weights)}
 
 
-def batch_spec(config: Any, model_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch the image loaders produce: {"image": (B, H, W, C) float32, normalised}."""
-    size, channels = model_cfg.image_size, model_cfg.channels
-    return {"image": jax.ShapeDtypeStruct((config.global_batch_size, size, size, channels), jnp.float32)}
+batch_spec = image_batch_spec  # the global batch's shapes, for ahead-of-time compiles
 
 
 def report(trainer: Any, state: dict, config: Any, workdir: epath.Path) -> None:

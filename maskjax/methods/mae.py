@@ -20,6 +20,7 @@ from etils import epath
 from flax import nnx
 
 from maskjax import losses, masking
+from maskjax.methods import image_batch_spec
 from maskjax.models import vit
 
 
@@ -35,10 +36,7 @@ def loss(
     return value, {"loss": value}
 
 
-def batch_spec(config: Any, model_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch the image loaders produce: {"image": (B, H, W, C) float32, normalised}."""
-    size, channels = model_cfg.image_size, model_cfg.channels
-    return {"image": jax.ShapeDtypeStruct((config.global_batch_size, size, size, channels), jnp.float32)}
+batch_spec = image_batch_spec  # the global batch's shapes, for ahead-of-time compiles
 
 
 def reconstruct(model: vit.Mae, images: jax.Array, key: jax.Array) -> dict[str, jax.Array]:

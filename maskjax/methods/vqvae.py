@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from etils import epath
 
+from maskjax.methods import image_batch_spec
 from maskjax.models import beit
 
 
@@ -21,10 +21,7 @@ def loss(
     return value, {"loss": value, **metrics}
 
 
-def batch_spec(config: Any, model_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch the image loaders produce: {"image": (B, H, W, C) float32, normalised}."""
-    size, channels = model_cfg.image_size, model_cfg.channels
-    return {"image": jax.ShapeDtypeStruct((config.global_batch_size, size, size, channels), jnp.float32)}
+batch_spec = image_batch_spec  # the global batch's shapes, for ahead-of-time compiles
 
 
 def report(trainer: Any, state: dict, config: Any, workdir: epath.Path) -> None:
