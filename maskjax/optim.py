@@ -45,7 +45,8 @@ def schedule(
     return optax.join_schedules([warmup, after], [warmup_steps])
 
 
-def _path_names(path: Sequence[Any]) -> list[str]:
+def path_names(path: Sequence[Any]) -> list[str]:
+    """A jax tree path as plain names: dict keys, attribute names, indices."""
     return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
 
@@ -53,7 +54,7 @@ def decay_mask(params: Any, no_decay: Sequence[str]) -> Any:
     """True where weight decay applies: no component of the path contains a `no_decay` pattern."""
 
     def applies(path, _):
-        return not any(pattern in name for name in _path_names(path) for pattern in no_decay)
+        return not any(pattern in name for name in path_names(path) for pattern in no_decay)
 
     return jax.tree_util.tree_map_with_path(applies, params)
 
@@ -67,7 +68,7 @@ def layerwise_scales(params: Any, decay: float, num_layers: int, embed_patterns:
     """
 
     def scale(path, leaf):
-        names = _path_names(path)
+        names = path_names(path)
         if "blocks" in names:
             ids = jnp.arange(1, num_layers + 1, dtype=jnp.float32)
             return (decay ** (num_layers + 1 - ids)).reshape((num_layers,) + (1,) * (leaf.ndim - 1))

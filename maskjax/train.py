@@ -49,13 +49,13 @@ def _opt_shardings(abstract_opt: Any, param_shardings: dict, mesh: jax.sharding.
     `jax.jit(tx.init)` alone would not (JAX-NOTES): match each leaf's path suffix to a parameter path.
     """
     by_path = {
-        tuple(str(getattr(k, "key", k)) for k in path): s
+        tuple(optim.path_names(path)): s
         for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
     }
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def pick(path, leaf):
-        names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        names = tuple(optim.path_names(path))
         for start in range(len(names)):
             found = by_path.get(names[start:])
             if found is not None and len(found.spec) <= leaf.ndim:
