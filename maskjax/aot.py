@@ -27,7 +27,7 @@ bytes it states. It has accepted programs whose peak above exceeds its limit by 
 
 FLOPs: `cost_analysis()` counts one device's share and a `lax.scan` body once (layers
 scanned with `scan_layers`, gradient-accumulation microbatches), so its count is low for
-scanned models; `model_flops` counts the matmuls the model does per step from its sizes.
+scanned models; the method's own `flops` counts the matmuls it does per step from its sizes.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ from typing import Any
 
 import ml_collections
 
+from maskjax.errors import ConfigError
+
 GIB = 2**30
 
 # Fallback when the compiler does not state its limit: HBM per chip (GiB) from the Cloud TPU
@@ -63,77 +65,7 @@ HBM_GIB_PER_CHIP = {
 }
 
 
-# ---------------------------------------------------------------------------- model FLOPs
-
-
-def _stack_flops(d: int, f: int, layers: int, tokens: int) -> int:
-    """Forward FLOPs of `layers` transformer blocks on one sequence of `tokens` tokens.
-
-    Per layer: q, k, v, out projections 4·D² and the MLP 2·D·F multiply-adds per token
-    (2 FLOPs each), plus q·kᵀ and probs·v, 2·T²·D each — computed in full, also under a
-    causal or padding mask.
-    """
-    return layers * (2 * tokens * (4 * d * d + 2 * d * f) + 4 * tokens * tokens * d)
-
-
-def _vq_forward_flops(cfg: Any) -> int:
-    """VQ tokenizer per image: encoder (pixels -> code), nearest-entry search, decoder."""
-    n, pixels, h = cfg.num_patches, cfg.patch_size**2 * cfg.channels, cfg.hidden
-    encoder = 2 * n * pixels * h + _stack_flops(h, cfg.mlp_dim, cfg.layers, n) + 2 * n * h * cfg.code_dim
-    search = 2 * n * cfg.codebook_size * cfg.code_dim
-    return encoder + search
-
-
-def model_flops(config: ml_collections.ConfigDict, model_cfg: Any) -> dict[str, int]:
-    """Matmul FLOPs of one train step as the family runs it, counted from the sizes.
-
-    Training = forward + backward ≈ 3 × forward (the 6·params·tokens rule, with attention's
-    12·L·T²·D); rematerialisation is not counted (model FLOPs, as in MFU). What each family
-    really computes: the MAE encoder sees only the 1+K kept tokens and the decoder all 1+N;
-    BERT projects to the vocabulary only at `max_predictions` positions, GPT at every position;
-    BEiT's frozen tokenizer runs forward only. Embedding lookups are not matmuls.
-    """
-    family = config.family
-    c = model_cfg
-    frozen = 0  # forward-only FLOPs per example (no gradient)
-    if family == "mae":
-        k, n = c.num_keep, c.num_patches
-        forward = (
-            2 * k * c.patch_dim * c.hidden
-            + _stack_flops(c.hidden, c.mlp_dim, c.layers, 1 + k)
-            + 2 * (1 + k) * c.hidden * c.decoder_hidden
-            + _stack_flops(c.decoder_hidden, c.decoder_mlp_dim, c.decoder_layers, 1 + n)
-            + 2 * n * c.decoder_hidden * c.patch_dim
-        )
-    elif family in ("bert", "roberta"):
-        t, p, d = config.data.seq_length, config.masking.max_predictions, c.hidden
-        forward = _stack_flops(d, c.mlp_dim, c.layers, t) + p * (2 * d * d + 2 * d * c.vocab_size)
-        forward += 2 * d * d if c.pooler else 0
-        forward += 2 * d * 2 if c.nsp else 0
-    elif family == "gpt":
-        t = config.data.seq_length
-        forward = _stack_flops(c.hidden, c.mlp_dim, c.layers, t) + 2 * t * c.hidden * c.vocab_size
-    elif family == "beit":
-        from maskjax.methods import beit as beit_method
-
-        n, pixels = c.num_patches, c.patch_size**2 * c.channels
-        forward = (
-            2 * n * pixels * c.hidden
-            + _stack_flops(c.hidden, c.mlp_dim, c.layers, 1 + n)
-            + 2 * config.masking.num_masked * c.hidden * c.codebook_size
-        )
-        frozen = _vq_forward_flops(beit_method.tokenizer_config(config))
-    elif family == "vqvae":
-        n, pixels = c.num_patches, c.patch_size**2 * c.channels
-        decoder = 2 * n * c.code_dim * c.hidden + _stack_flops(c.hidden, c.mlp_dim, c.layers, n)
-        forward = _vq_forward_flops(c) + decoder + 2 * n * c.hidden * pixels
-    else:
-        raise ValueError(f"no FLOP count for family {family!r}")
-    batch = config.global_batch_size
-    return {
-        "forward_per_example": forward + frozen,
-        "per_step": batch * (3 * forward + frozen),
-    }
+# ---------------------------------------------------------------------------- peaks
 
 
 def matmul_peak_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
@@ -229,16 +161,15 @@ def compile_step(
     """
     import jax
 
-    from maskjax import methods, models, sharding, train
+    from maskjax import models, sharding, train
 
-    trainer = train.Trainer(config, devices, abstract=True)
-    method = methods.get(config.family)
+    trainer = train.Trainer(config, devices)
     batch = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=trainer.batch_sharding),
-        method.batch_spec(config, trainer.model_cfg),
+        trainer.method.batch_spec(config, trainer.model_cfg),
     )
     cfg = trainer.model_cfg
-    flops = model_flops(config, cfg)
+    flops = trainer.method.flops(config, cfg)
     n = len(devices)
     result: dict[str, Any] = {
         "family": config.family,
@@ -248,12 +179,12 @@ def compile_step(
         "mesh": dict(trainer.mesh.shape),
         "global_batch_size": config.global_batch_size,
         "grad_accum_steps": config.get("grad_accum_steps", 1),
-        "params": models.param_count(config.family, cfg),
+        "params": models.param_count(trainer.family, cfg),
         "dtype": cfg.dtype,
         "scan_layers": cfg.scan_layers,
         "remat": cfg.remat,
-        "model_flops_per_step": flops["per_step"],
-        "model_flops_per_device": flops["per_step"] // n,
+        "model_flops_per_step": flops,
+        "model_flops_per_device": flops // n,
         "hbm_bytes_per_device": hbm_bytes,
         "hbm_gib": None if hbm_bytes is None else round(hbm_bytes / GIB, 3),
         "hbm_source": hbm_source,
@@ -267,7 +198,7 @@ def compile_step(
     start = time.perf_counter()
     try:
         with sharding.use_rules(trainer.mesh, trainer.rules):
-            lowered = trainer.train_step.lower(trainer.abstract_state, batch, trainer.extras)
+            lowered = trainer.train_step.lower(trainer.abstract_state, batch, trainer.abstract_extras)
         lower_seconds = time.perf_counter() - start
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -379,8 +310,6 @@ def compile_phases(config: ml_collections.ConfigDict, devices: list, **kwargs: A
 
 def emulated_device_count(config: ml_collections.ConfigDict) -> int:
     """The devices a config is meant for: `hardware.num_devices`, else its mesh if fully sized."""
-    from maskjax.config import ConfigError
-
     hardware = config.get("hardware") or {}
     if hardware.get("num_devices"):
         return int(hardware["num_devices"])
@@ -422,8 +351,6 @@ def compile_config(
     name: what the report calls the config (its file). A config error is raised as `ConfigError`,
     an unknown topology as ValueError, a missing libtpu as ImportError.
     """
-    from maskjax.config import ConfigError
-
     if topology:
         if importlib.util.find_spec("libtpu") is None:
             raise ImportError("compiling for a TPU topology needs libtpu: pip install 'maskjax[tpu]'")
@@ -457,8 +384,6 @@ def compile_config(
 
 
 def _main(request_path: str, answer_path: str) -> None:
-    from maskjax.config import ConfigError
-
     request = pickle.loads(Path(request_path).read_bytes())
     try:
         result = _compile_in_this_process(**request)

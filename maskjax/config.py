@@ -5,7 +5,8 @@ allowed; the CLI prints it as one line and exits non-zero (no traceback).
 
 Every config has: family, seed, total_steps, global_batch_size, log_every,
 eval_every, checkpoint_every, keep_checkpoints, mesh, model, optimizer,
-schedule, data — plus the family's `masking` section.
+schedule, data — plus the method's own section (`masking`), which the method's
+`validate` checks (`maskjax.methods`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from typing import Any
 
 import ml_collections
 
-from maskjax import models, sharding
+from maskjax import methods, models, sharding
+from maskjax.errors import ConfigError
+
+__all__ = ["ConfigError", "phases", "rules", "validate", "model_config"]
 
 OPTIMIZERS = ("adamw", "lamb")
 DECAYS = ("linear", "cosine", "constant")
 REMAT = ("none", "full", "dots")
-MLM_STRATEGIES = ("bert", "whole_word", "span", "roberta")
 REQUIRED = (
     "family",
     "seed",
@@ -37,19 +40,10 @@ REQUIRED = (
 )
 
 
-class ConfigError(ValueError):
-    """A bad config value: the message names the field and the allowed values."""
-
-
 def _positive_int(config: Any, field: str) -> None:
     value = config[field]
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{field} must be a positive integer; got {value!r}")
-
-
-def _in_open_unit(value: Any, field: str) -> None:
-    if not isinstance(value, int | float) or not 0.0 < value < 1.0:
-        raise ConfigError(f"{field} must be in (0, 1); got {value!r}")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> Any:
@@ -58,12 +52,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Any:
         if field not in config:
             raise ConfigError(f"{field} is missing from the config")
     family = config.family
-    trainable = sorted(set(models.FAMILIES) - {"vit"})  # ViT is a fine-tuning model: no pre-training method
-    if family not in trainable:
-        raise ConfigError(f"family must be one of {trainable}; got {family!r}")
-    strategy = config.get("masking", {}).get("strategy")
-    if family in ("bert", "roberta") and strategy not in MLM_STRATEGIES:
-        raise ConfigError(f"masking.strategy must be one of {list(MLM_STRATEGIES)}; got {strategy!r}")
+    if family not in methods.REGISTRY:
+        raise ConfigError(f"family must be one of {sorted(methods.REGISTRY)}; got {family!r}")
+    method = methods.get(family)
     for field in ("total_steps", "global_batch_size", "log_every", "eval_every", "checkpoint_every"):
         _positive_int(config, field)
     if config.get("keep_checkpoints") is not None:
@@ -110,12 +101,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Any:
     if config.model.get("remat", "none") not in REMAT:
         raise ConfigError(f"model.remat must be one of {list(REMAT)}; got {config.model.get('remat')!r}")
     try:
-        model_cfg = models.make_config(family, config.model.to_dict())
+        model_cfg = models.make_config(method.model, config.model.to_dict())
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
     _check_model(config, model_cfg)
     _check_phases(config, model_cfg)
     return model_cfg
+
+
+def model_config(config: ml_collections.ConfigDict) -> Any:
+    """The model dataclass of a config already validated (no device count needed)."""
+    return models.make_config(methods.get(config.family).model, config.model.to_dict())
 
 
 def _apply_phase(config: ml_collections.ConfigDict, phase: Any) -> ml_collections.ConfigDict:
@@ -188,12 +184,6 @@ def _check_model(config: ml_collections.ConfigDict, model_cfg: Any) -> None:
                 f"model.image_size={model_cfg.image_size} must be divisible by "
                 f"model.patch_size={model_cfg.patch_size}"
             )
-    if hasattr(model_cfg, "mask_ratio"):
-        _in_open_unit(model_cfg.mask_ratio, "model.mask_ratio")
-    masking = config.get("masking", {})
-    for field in ("mask_prob", "ratio"):
-        if field in masking:
-            _in_open_unit(masking[field], f"masking.{field}")
     seq = config.data.get("seq_length")
     max_length = getattr(model_cfg, "max_length", None)
     if seq and max_length:
@@ -203,3 +193,6 @@ def _check_model(config: ml_collections.ConfigDict, model_cfg: Any) -> None:
             raise ConfigError(
                 f"data.seq_length={seq} is longer than the position table ({usable} usable positions)"
             )
+    method = methods.get(config.family)
+    if method.validate is not None and model_cfg is not None:  # None: a phase checked before the model
+        method.validate(config, model_cfg)

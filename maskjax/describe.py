@@ -7,7 +7,8 @@
              position table covers: 512 for RoBERTa's 514-row table); images: image_size, patch_size;
              MAE: decoder_layers, decoder_hidden; BEiT: codebook_size (the visual-token vocabulary)
   params     exact parameter count, from shapes alone (`jax.eval_shape`, nothing allocated)
-  masking    strategy, ratio (share of tokens / patches masked), max_predictions (per example)
+  masking    strategy, ratio (share of tokens / patches masked), max_predictions (per example),
+             as the method says (`Method.masking`)
   data       global_batch, seq_length (tokens per text example; patches per image), BERT's phase 2
   schedule   total_steps, epochs and warmup_epochs (where the paper counts epochs), warmup_steps,
              decay, end_lr
@@ -26,10 +27,10 @@ from typing import Any
 import ml_collections
 
 from maskjax import config as config_lib
-from maskjax import models, optim, sharding
+from maskjax import methods, models, optim, sharding
 
 
-def _model(family: str, cfg: Any) -> dict[str, Any]:
+def _model(cfg: Any) -> dict[str, Any]:
     out = {
         name: getattr(cfg, name) for name in ("layers", "hidden", "heads", "mlp_dim") if hasattr(cfg, name)
     }
@@ -40,7 +41,7 @@ def _model(family: str, cfg: Any) -> dict[str, Any]:
     if hasattr(cfg, "image_size"):
         out["image_size"] = cfg.image_size
         out["patch_size"] = cfg.patch_size
-    if family == "mae":
+    if hasattr(cfg, "decoder_layers"):  # MAE's decoder
         out["decoder_layers"] = cfg.decoder_layers
         out["decoder_hidden"] = cfg.decoder_hidden
     if hasattr(cfg, "codebook_size"):
@@ -52,23 +53,6 @@ def _num_patches(cfg: Any) -> int | None:
     if not hasattr(cfg, "image_size"):
         return None
     return (cfg.image_size // cfg.patch_size) ** 2
-
-
-def _masking(config: ml_collections.ConfigDict, family: str, cfg: Any) -> dict[str, Any]:
-    m = config.get("masking", ml_collections.ConfigDict())
-    if family in ("bert", "roberta"):
-        return {"strategy": m.strategy, "ratio": m.mask_prob, "max_predictions": m.max_predictions}
-    if family == "mae":
-        # Uniform random patches, a fixed number per image (He et al. 2022, Sec. 3).
-        masked = cfg.num_patches - cfg.num_keep
-        return {"strategy": "random", "ratio": cfg.mask_ratio, "max_predictions": masked}
-    if family == "beit":
-        # Blockwise masking of exactly num_masked patches (Bao et al. 2022, Sec. 2.3, Algorithm 1).
-        n = _num_patches(cfg)
-        return {"strategy": "blockwise", "ratio": m.num_masked / n, "max_predictions": m.num_masked}
-    if family == "gpt":
-        return {"strategy": "causal", "ratio": None, "max_predictions": None}  # no masking: next token
-    return {"strategy": None, "ratio": None, "max_predictions": None}
 
 
 def _data(config: ml_collections.ConfigDict, cfg: Any) -> dict[str, Any]:
@@ -124,12 +108,12 @@ def describe(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
             num_devices = jax.device_count()
     model_cfg = config_lib.validate(config, num_devices)
-    family = config.family
+    method = methods.get(config.family)
     return {
-        "family": family,
-        "model": _model(family, model_cfg),
-        "params": models.param_count(family, model_cfg),
-        "masking": _masking(config, family, model_cfg),
+        "family": config.family,
+        "model": _model(model_cfg),
+        "params": models.param_count(method.model, model_cfg),
+        "masking": method.masking(config, model_cfg),
         "data": _data(config, model_cfg),
         "schedule": _schedule(config),
         "optimizer": _optimizer(config),

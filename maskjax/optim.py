@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from maskjax.sharding import path_names
+
 
 def peak_learning_rate(opt: Mapping[str, Any], global_batch: int) -> float:
     """`base_lr × global_batch / 256` when the config gives `base_lr` (MAE, BEiT), else `peak_lr`."""
@@ -43,11 +45,6 @@ def schedule(
     else:
         raise ValueError(f"schedule.decay must be one of linear, cosine, constant; got {decay!r}")
     return optax.join_schedules([warmup, after], [warmup_steps])
-
-
-def path_names(path: Sequence[Any]) -> list[str]:
-    """A jax tree path as plain names: dict keys, attribute names, indices."""
-    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
 
 def decay_mask(params: Any, no_decay: Sequence[str]) -> Any:

@@ -7,6 +7,10 @@ and tensor parallel differ only in the rules, never in model code.
 
 `constrain(x, names)` is a no-op outside `use_rules(...)`, so models run
 unchanged on one device, in tests, and under `jax.eval_shape`.
+
+The training state's shardings are decided here too: each parameter from its
+logical names (`param_shardings`), each optimizer leaf from the parameter it
+mirrors (`opt_shardings`), everything else replicated.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -111,3 +116,40 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
         axis_types=(jax.sharding.AxisType.Auto,) * len(sizes),
         devices=devices,
     )
+
+
+def path_names(path: Sequence[Any]) -> list[str]:
+    """A jax tree path as plain names: dict keys, attribute names, indices."""
+    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def param_shardings(abstract_params: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedSharding of every parameter (nnx Variables carrying `out_sharding` logical names)."""
+    from flax import nnx
+
+    return jax.tree.map(
+        lambda v: v.replace(
+            NamedSharding(mesh, logical_to_spec(v.get_metadata().get("out_sharding") or (), rules))
+        ),
+        abstract_params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def opt_shardings(abstract_opt: Any, param_sharding: Any, mesh: Mesh) -> Any:
+    """Optimizer leaves mirroring a parameter (Adam's mu, nu) take its sharding; the rest replicate.
+
+    `jax.jit(tx.init)` alone would not (JAX-NOTES): match each leaf's path suffix to a parameter path.
+    """
+    by_path = {tuple(path_names(p)): s for p, s in jax.tree_util.tree_flatten_with_path(param_sharding)[0]}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        names = tuple(path_names(path))
+        for start in range(len(names)):
+            found = by_path.get(names[start:])
+            if found is not None and len(found.spec) <= leaf.ndim:
+                return found
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)

@@ -1,8 +1,9 @@
 """The one training loop, for every family.
 
-Read top to bottom: config -> mesh -> sharded state -> jitted step -> loop
-(metrics, eval, checkpoints, preemption). What a family adds lives in
-`maskjax/methods/<family>.py`: its masking + model + loss.
+Read top to bottom: config -> data prepared -> mesh -> sharded state -> jitted step -> loop
+(metrics, eval, checkpoints, preemption) -> the method's evaluators. What a method adds lives
+in `maskjax/methods/<name>.py`: its masking + model + loss, and its FLOP count; the loop knows
+it only through `maskjax.methods.Method`.
 
   state = {"params": ..., "opt": ..., "step": int32}   (plain dicts; all on the mesh)
   train_step(state, batch, extras) -> (state, metrics) one jit, state donated,
@@ -22,73 +23,33 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from maskjax import aot, checkpoint, methods, models, optim, sharding
+from maskjax import checkpoint, evaluators, methods, models, optim, sharding
 from maskjax import config as config_lib
 from maskjax.data import loaders
-
-
-def _param_shardings(abstract_params: Any, mesh: jax.sharding.Mesh, rules: dict) -> Any:
-    """NamedSharding of every parameter, from its logical axis names."""
-    return jax.tree.map(
-        lambda v: v.replace(
-            NamedSharding(mesh, sharding.logical_to_spec(v.get_metadata().get("out_sharding") or (), rules))
-        ),
-        abstract_params,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-
-
-def _opt_shardings(abstract_opt: Any, param_shardings: dict, mesh: jax.sharding.Mesh) -> Any:
-    """Optimizer leaves mirroring a parameter (Adam's mu, nu) take its sharding; the rest replicate.
-
-    `jax.jit(tx.init)` alone would not (JAX-NOTES): match each leaf's path suffix to a parameter path.
-    """
-    by_path = {
-        tuple(optim.path_names(path)): s
-        for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
-    }
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def pick(path, leaf):
-        names = tuple(optim.path_names(path))
-        for start in range(len(names)):
-            found = by_path.get(names[start:])
-            if found is not None and len(found.spec) <= leaf.ndim:
-                return found
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
 
 
 class Trainer:
     """Everything derived from the config, built once: mesh, shardings, jitted steps."""
 
-    def __init__(
-        self, config: ml_collections.ConfigDict, devices: list | None = None, *, abstract: bool = False
-    ):
-        """abstract=True: for devices that need not be this host's (a TPU topology's descriptions, for
-        ahead-of-time compiles, `maskjax.aot`): reads no data and puts nothing on a device; `extras` are
-        then ShapeDtypeStructs from the method's `extras_spec(config)`."""
+    def __init__(self, config: ml_collections.ConfigDict, devices: list | None = None):
+        """Pure bookkeeping: reads no data, loads no checkpoint and allocates nothing, so it also
+        serves devices that are not this host's (a TPU topology's descriptions, `maskjax.aot`).
+        The method's frozen inputs come from `load_extras()`, the state from `init()` or a restore."""
         self.config = config
         devices = list(jax.devices() if devices is None else devices)
         self.model_cfg = config_lib.validate(config, len(devices))
-        self.family = config.family
-        self.method = methods.get(self.family)
+        self.method = methods.get(config.family)
+        self.family = self.method.model  # the architecture: what a checkpoint's model spec names
         self.mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
-        if config.data.kind == "text" and not abstract:
-            loaders.check_tokenizer(config)
         self.rules = config_lib.rules(config)
-
-        self.model_flops = aot.model_flops(config, self.model_cfg)["per_step"]  # for throughput in TFLOP/s
 
         abstract_model = nnx.eval_shape(lambda: models.build(self.family, self.model_cfg, config.seed))
         self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-        param_sh = nnx.to_pure_dict(_param_shardings(abstract_params, self.mesh, self.rules))
+        param_sh = nnx.to_pure_dict(sharding.param_shardings(abstract_params, self.mesh, self.rules))
         abstract_params = nnx.to_pure_dict(abstract_params)
 
         opt = config.optimizer.to_dict()
@@ -103,11 +64,11 @@ class Trainer:
         )
         self.tx = optim.make_optimizer(opt, self.lr, abstract_params, getattr(self.model_cfg, "layers", 0))
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.state_sharding = {
             "params": param_sh,
-            "opt": _opt_shardings(abstract_opt, param_sh, self.mesh),
-            "step": replicated,
+            "opt": sharding.opt_shardings(abstract_opt, param_sh, self.mesh),
+            "step": self.replicated,
         }
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -115,25 +76,26 @@ class Trainer:
             self.state_sharding,
         )
         self.batch_sharding = NamedSharding(self.mesh, sharding.logical_to_spec(("batch",), self.rules))
+        # Frozen inputs of the loss (BEiT's visual tokenizer), replicated: their shapes only, here.
+        spec = None if self.method.extras_spec is None else self.method.extras_spec(config)
+        self.abstract_extras = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), spec
+        )
         # Separate random streams for training steps and evaluation, each folded with a counter.
         self.train_key = jax.random.fold_in(jax.random.key(config.seed), 0)
         self.eval_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
-        # Frozen inputs of the loss, e.g. BEiT's visual tokenizer: replicated, never trained.
-        if abstract:
-            extras = getattr(self.method, "extras_spec", lambda _: None)(config)
-            self.extras = jax.tree.map(
-                lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), extras
-            )
-        else:
-            extras = getattr(self.method, "extras", lambda _: None)(config)
-            self.extras = jax.device_put(extras, replicated)
-
         self.init = jax.jit(self._init, out_shardings=self.state_sharding)
         self.train_step = jax.jit(
-            self._train_step, out_shardings=(self.state_sharding, replicated), donate_argnums=0
+            self._train_step, out_shardings=(self.state_sharding, self.replicated), donate_argnums=0
         )
-        self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
+        self.eval_step = jax.jit(self._eval_step, out_shardings=self.replicated)
+
+    def load_extras(self) -> Any:
+        """The method's frozen inputs, read from disk (BEiT: its tokenizer checkpoint) and replicated."""
+        if self.method.extras is None:
+            return None
+        return jax.device_put(self.method.extras(self.config), self.replicated)
 
     # -- pure functions, traced under the sharding rules ------------------------------------
 
@@ -182,15 +144,6 @@ class Trainer:
 
     def put_batch(self, local: dict) -> dict:
         return loaders.to_global(local, None, self.batch_sharding)
-
-
-def _checkpoint_manager(workdir: epath.Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.get("keep_checkpoints", 3), enable_async_checkpointing=True, create=True
-    )
-    return ocp.CheckpointManager(
-        checkpoint.checkpoints_dir(workdir), options=options, item_names=("params", "opt", "data", "model")
-    )
 
 
 class _Preemption:
@@ -267,33 +220,53 @@ def _to_python(v: Any) -> Any:
     return v.item() if isinstance(v, np.ndarray) else v
 
 
-def evaluate(trainer: Trainer, params: dict, loader: Any) -> dict:
-    """Mean of the family's metrics over the first `eval_batches` held-out batches, the same each time."""
+def evaluate(trainer: Trainer, params: dict, loader: Any, extras: Any) -> dict:
+    """Mean of the method's metrics over the first `eval_batches` held-out batches, the same each time."""
     loader.set_state({**loader.get_state(), "step": 0})
     totals: dict[str, float] = {}
     n = trainer.config.get("eval_batches", 4)
     for i in range(n):
-        m = jax.device_get(
-            trainer.eval_step(params, trainer.put_batch(next(loader)), jnp.int32(i), trainer.extras)
-        )
+        m = jax.device_get(trainer.eval_step(params, trainer.put_batch(next(loader)), jnp.int32(i), extras))
         for k, v in m.items():
             totals[k] = totals.get(k, 0.0) + float(v) / n
     return totals
 
 
 def benchmark_step(trainer: Trainer, steps: int) -> float:
-    """Examples/s the compiled train step consumes (global), on a fixed batch, after one warm-up step."""
+    """Examples/s the compiled train step consumes (global), on a fixed batch, after one warm-up step.
+
+    The config's data must be prepared (`loaders.prepare`)."""
     config = trainer.config
+    extras = trainer.load_extras()
     with sharding.use_rules(trainer.mesh, trainer.rules):
         batch = trainer.put_batch(next(loaders.make(config, "train")))
         state = trainer.init()
-        state, metrics = trainer.train_step(state, batch, trainer.extras)
+        state, metrics = trainer.train_step(state, batch, extras)
         jax.block_until_ready(metrics)
         start = time.perf_counter()
         for _ in range(steps):
-            state, metrics = trainer.train_step(state, batch, trainer.extras)
+            state, metrics = trainer.train_step(state, batch, extras)
         jax.block_until_ready(metrics)
     return steps * config.global_batch_size / (time.perf_counter() - start)
+
+
+def run_evaluators(trainer: Trainer, state: dict, workdir: epath.Path) -> dict:
+    """The method's evaluators on the trained parameters (process 0); their results in report.json."""
+    if not trainer.method.evaluators:
+        return {}
+    params = state["params"]
+    if jax.process_count() > 1:  # the evaluators run on process 0 alone: gather the parameters first
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() != 0:
+        return {}
+    params = jax.device_get(params)
+    report: dict = {}
+    for name in trainer.method.evaluators:
+        report.update(evaluators.get(name)(trainer, params, trainer.config, workdir))
+    (workdir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices: list | None = None) -> dict:
@@ -308,34 +281,28 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
     schedule = config_lib.phases(config)
     for _, phase_config in schedule:  # every phase is checked before anything is built or read
         config_lib.validate(phase_config, len(devices) if devices is not None else jax.device_count())
+    for _, phase_config in schedule:
+        loaders.prepare(phase_config)
     trainers = [Trainer(c, devices) for _, c in schedule]
     trainer = trainers[0]
-    spec = {"family": trainer.family, "config": models.config_to_dict(trainer.model_cfg)}
+    extras = trainer.load_extras()  # frozen inputs are the same in every phase
+    # Model FLOPs of one step in each phase, from the method's own count: the throughput line's TFLOP/s.
+    flops = [t.method.flops(t.config, t.model_cfg) for t in trainers]
+    spec = checkpoint.model_spec(trainer.family, trainer.model_cfg)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-    with sharding.use_rules(trainer.mesh, trainer.rules), _checkpoint_manager(workdir, config) as mngr:
+    keep = config.get("keep_checkpoints", 3)
+    with sharding.use_rules(trainer.mesh, trainer.rules), checkpoint.training_manager(workdir, keep) as mngr:
 
         def phase_at(step: int) -> int:
             return max(i for i, (start, _) in enumerate(schedule) if start <= step)
 
         latest = mngr.latest_step()
         if latest is None:
-            state = trainer.init()
-            data_state = None
+            state, data_state = trainer.init(), None
         else:
-            restored = mngr.restore(
-                latest,
-                args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(trainer.abstract_state["params"]),
-                    opt=ocp.args.StandardRestore(
-                        {"opt": trainer.abstract_state["opt"], "step": trainer.abstract_state["step"]}
-                    ),
-                    data=ocp.args.JsonRestore(),
-                ),
-            )
-            state = {"params": restored.params, "opt": restored.opt["opt"], "step": restored.opt["step"]}
-            data_state = restored.data
+            state, data_state = checkpoint.restore_state(mngr, latest, trainer.abstract_state)
             print(f"resumed from step {latest}", flush=True)
 
         def enter_phase(index: int, saved: dict | None = None) -> tuple[Trainer, Any, Any]:
@@ -346,18 +313,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
             if len(schedule) > 1:
                 print(f"phase {index + 1}/{len(schedule)} from step {start}", flush=True)
             return trainers[index], loader, loaders.make(phase_config, "eval")
-
-        def save(step: int, state: dict) -> None:
-            mngr.save(
-                step,
-                args=ocp.args.Composite(
-                    params=ocp.args.StandardSave(state["params"]),
-                    opt=ocp.args.StandardSave({"opt": state["opt"], "step": state["step"]}),
-                    data=ocp.args.JsonSave({"phase": phase, "loader": loader.get_state()}),
-                    model=ocp.args.JsonSave(spec),
-                ),
-                force=True,
-            )
 
         writer = MetricsWriter(workdir)
         preemption = _Preemption()
@@ -374,7 +329,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
                     eval_loader.close()
                     trainer, loader, eval_loader = enter_phase(phase)
                 batch = trainer.put_batch(next(loader))
-                state, metrics = trainer.train_step(state, batch, trainer.extras)
+                state, metrics = trainer.train_step(state, batch, extras)
                 step += 1
                 if step % config.log_every == 0 or step == config.total_steps:
                     last = dict(jax.device_get(metrics))  # the one host sync, every log_every steps
@@ -384,7 +339,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
                     # Bad records skipped by this process so far, in total and per reason.
                     last.update(
                         examples_per_sec=rate * config.global_batch_size,
-                        model_tflops_per_sec_per_device=rate * trainer.model_flops / trainer.mesh.size / 1e12,
+                        model_tflops_per_sec_per_device=rate * flops[phase] / trainer.mesh.size / 1e12,
                         **loader.stats,
                     )
                     writer.write(step, last)
@@ -395,12 +350,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
                         flush=True,
                     )
                 if step % config.eval_every == 0 or step == config.total_steps:
-                    ev = evaluate(trainer, state["params"], eval_loader)
+                    ev = evaluate(trainer, state["params"], eval_loader, extras)
                     writer.write(step, {"split": "eval", **{f"eval_{k}": v for k, v in ev.items()}}, "")
                     last.update({f"eval_{k}": v for k, v in ev.items()})
                 stop = preemption.check(step)
                 if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
-                    save(step, state)
+                    checkpoint.save_state(
+                        mngr, step, state, {"phase": phase, "loader": loader.get_state()}, spec
+                    )
                 if stop:
                     print(f"SIGTERM: saved step {step}, exiting", flush=True)
                     break
@@ -411,10 +368,5 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
             loader.close()
             eval_loader.close()
     if step >= config.total_steps:
-        if jax.process_count() > 1:  # the report runs on process 0 alone: gather the parameters first
-            from jax.experimental import multihost_utils
-
-            state = {**state, "params": multihost_utils.process_allgather(state["params"], tiled=True)}
-        if jax.process_index() == 0:
-            trainer.method.report(trainer, state, trainer.config, workdir)
+        run_evaluators(trainer, state, workdir)
     return last

@@ -64,7 +64,7 @@ def test_a_trained_mae_exports_to_transformers(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.normal(size=(2, cfg.image_size, cfg.image_size, cfg.channels)).astype(np.float32)
     noise = rng.random((2, cfg.num_patches)).astype(np.float32)
-    m = masking.mae_mask_from_noise(jnp.asarray(noise), cfg.mask_ratio)
+    m = masking.mae_mask_from_noise(jnp.asarray(noise), config.masking.ratio)
     got = model(jnp.asarray(images), m.ids_keep, m.ids_restore)["pred"]
     with torch.no_grad():
         want = hf(torch.from_numpy(images.transpose(0, 3, 1, 2)), noise=torch.from_numpy(noise)).logits

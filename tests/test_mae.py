@@ -140,7 +140,7 @@ def test_config_from_hf(hf_model, converted):
     cfg, _ = converted
     assert (cfg.hidden, cfg.layers, cfg.heads, cfg.mlp_dim) == (32, 2, 4, 48)
     assert (cfg.decoder_hidden, cfg.decoder_layers, cfg.decoder_heads, cfg.decoder_mlp_dim) == (16, 2, 2, 40)
-    assert (cfg.image_size, cfg.patch_size, cfg.channels, cfg.num_keep) == (IMAGE, PATCH, CHANNELS, N // 4)
+    assert (cfg.image_size, cfg.patch_size, cfg.channels) == (IMAGE, PATCH, CHANNELS)
     assert (cfg.layer_norm_eps, cfg.activation, cfg.pre_ln) == (1e-6, "gelu", True)
     back = mae_interop.hf_config(cfg)
     assert back.architectures == ["ViTMAEForPreTraining"]
@@ -151,13 +151,13 @@ def test_parity_with_transformers(hf_model, converted, inputs):
     cfg, params = converted
     images, noise = inputs
     expected = _hf_forward(hf_model, images, noise)
-    ids_keep, mask, ids_restore = masking.mae_mask_from_noise(jnp.asarray(noise), cfg.mask_ratio)
+    ids_keep, mask, ids_restore = masking.mae_mask_from_noise(jnp.asarray(noise), hf_model.config.mask_ratio)
     np.testing.assert_array_equal(np.asarray(ids_restore), expected["ids_restore"])
     np.testing.assert_array_equal(np.asarray(mask), expected["mask"])
 
     out = _forward(_build(vit.Mae, cfg, params), jnp.asarray(images), ids_keep, ids_restore)
     # the encoder saw only [CLS] + the K kept patches
-    assert out["latent"].shape == (BATCH, 1 + cfg.num_keep, cfg.hidden)
+    assert out["latent"].shape == (BATCH, 1 + N // 4, cfg.hidden)
     assert _max_diff(out["latent"], expected["latent"]) < TOL
     assert out["pred"].shape == (BATCH, N, PATCH * PATCH * CHANNELS)
     assert _max_diff(out["pred"], expected["pred"]) < TOL
@@ -233,7 +233,6 @@ def test_clear_errors(hf_model, converted):
     with pytest.warns(UserWarning, match="position_embeddings is not the fixed 2-D sin-cos table"):
         mae_interop.params_from_hf(state, cfg)
     for bad, field in (
-        (dict(mask_ratio=1.0), "mask_ratio"),
         (dict(image_size=30), "image_size"),
         (dict(decoder_hidden=18), "decoder_hidden"),
         (dict(pos_embed="learned"), "pos_embed"),
@@ -276,7 +275,7 @@ def test_paper_sizes_match_transformers_parameter_counts(factory, hf_sizes):
     frozen = hf.vit.embeddings.position_embeddings.numel() + hf.decoder.decoder_pos_embed.numel()
     assert hf.num_parameters(only_trainable=True) == hf.num_parameters() - frozen
     assert vit.param_count(cfg) == hf.num_parameters(only_trainable=True)
-    assert (cfg.decoder_layers, cfg.decoder_hidden, cfg.mask_ratio) == (8, 512, 0.75)
+    assert (cfg.decoder_layers, cfg.decoder_hidden) == (8, 512)
 
 
 def _flops(cfg: vit.MaeConfig, keep: int) -> float:
@@ -299,7 +298,8 @@ def test_encoder_compute_scales_with_kept_patches():
         hidden=64, layers=2, heads=4, mlp_dim=256, image_size=32, patch_size=4,  # N = 64 patches
         decoder_hidden=16, decoder_layers=1, decoder_heads=2, decoder_mlp_dim=32, scan_layers=False,
     )  # fmt: skip
-    n, k = cfg.num_patches, cfg.num_keep  # ratio 0.75 (K = 16) vs all N = 64 patches (ratio 0)
+    n = cfg.num_patches
+    k = masking.mae_num_keep(n, 0.75)  # ratio 0.75 (K = 16) vs all N = 64 patches (ratio 0)
     d, f, p = cfg.hidden, cfg.mlp_dim, cfg.patch_dim
     # matmul FLOPs that depend on the encoder's length T = 1 + K: per layer q,k,v,o (8·D²) and
     # MLP (4·D·F) per token plus attention (4·T²·D); patch embedding and decoder_embed per token.
@@ -314,7 +314,7 @@ def test_scan_and_unrolled_agree(converted, inputs):
     cfg, params = converted
     assert cfg.scan_layers
     images, noise = jnp.asarray(inputs[0]), jnp.asarray(inputs[1])
-    ids_keep, _, ids_restore = masking.mae_mask_from_noise(noise, cfg.mask_ratio)
+    ids_keep, _, ids_restore = masking.mae_mask_from_noise(noise, 0.75)
     scanned = _forward(_build(vit.Mae, cfg, params), images, ids_keep, ids_restore)
     unrolled_cfg = vit.MaeConfig(**(vars(cfg) | dict(scan_layers=False)))
     unrolled = _forward(_build(vit.Mae, unrolled_cfg, params), images, ids_keep, ids_restore)
@@ -341,17 +341,17 @@ def _tiny_mae(**overrides) -> vit.MaeConfig:
 def test_jit_grad_finite_reaches_every_param_and_dropout(converted, inputs):
     cfg, params = converted
     cfg = vit.MaeConfig(
-        **(vars(cfg) | dict(dropout=0.1, attention_dropout=0.1, drop_path=0.1, norm_pix_loss=True))
+        **(vars(cfg) | dict(dropout=0.1, attention_dropout=0.1, drop_path=0.1))
     )
     graphdef, state = nnx.split(_build(vit.Mae, cfg, params))
     images, noise = jnp.asarray(inputs[0]), jnp.asarray(inputs[1])
-    ids_keep, mask, ids_restore = masking.mae_mask_from_noise(noise, cfg.mask_ratio)
+    ids_keep, mask, ids_restore = masking.mae_mask_from_noise(noise, 0.75)
 
     @jax.jit
     @jax.value_and_grad
     def loss_fn(state, key):
         out = nnx.merge(graphdef, state)(images, ids_keep, ids_restore, dropout_key=key)
-        return losses.mae_loss(out["pred"], vit.patchify(images, PATCH), mask, cfg.norm_pix_loss)
+        return losses.mae_loss(out["pred"], vit.patchify(images, PATCH), mask, norm_pix=True)
 
     loss, grads = loss_fn(state, jax.random.key(3))
     assert np.isfinite(float(loss))

@@ -217,7 +217,8 @@ def test_kill_during_async_checkpoint_keeps_the_previous_one(data_dir, reference
     [
         ({"global_batch_size": 12}, "global_batch_size"),
         ({"mesh": {"data": 3, "fsdp": 1, "tensor": 1}}, "mesh"),
-        ({"model.mask_ratio": 1.5}, "mask_ratio"),
+        ({"masking.ratio": 1.5}, "masking.ratio"),
+        ({"model.mask_ratio": 0.5}, "moved: set masking.ratio"),
         ({"model.image_size": 9}, "image_size"),
         ({"family": "bart"}, "family"),
         ({"optimizer.name": "sgd"}, "optimizer.name"),

@@ -7,6 +7,9 @@
                        first use from `data.corpus` when it is missing)
 
 Datasets live under `data.data_dir`, default $MASKJAX_DATA_DIR or ~/.cache/maskjax.
+`prepare(config)` is the explicit first step of a run (train, benchmark-input): it builds what
+is missing, checks a text config against its tokenizer, and says where the data is. Opening a
+loader afterwards only reads.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from maskjax.data import image_datasets, images, pipeline
+from maskjax.errors import ConfigError
 
 to_global = pipeline.to_global
 
@@ -82,6 +86,25 @@ def _text_dir(data: ml_collections.ConfigDict) -> Path:
     return out
 
 
+def prepare(config: ml_collections.ConfigDict) -> Path:
+    """Build the config's dataset if it is not there yet (process 0; the others wait) and check it.
+
+    Returns the dataset's folder. A text config's vocabulary size and masking ids must be those
+    of the prepared tokenizer (a mismatch is a ConfigError naming the field).
+    """
+    data = config.data
+    if data.kind == "image":
+        _image_source(data, data.get("train_split", "train"))
+        where = data_dir(data) / data.dataset
+    elif data.kind == "text":
+        where = _text_dir(data)
+        check_tokenizer(config)
+    else:
+        raise ValueError(f"data.kind must be one of image, text; got {data.kind!r}")
+    print(f"data: {data.get('dataset') or data.get('name')} at {where}", flush=True)
+    return where
+
+
 def source_and_transform(config: ml_collections.ConfigDict, split: str) -> tuple[Any, Any]:
     """The tfds data source of `split` ("train" or "eval") and its per-example transform."""
     data = config.data
@@ -142,7 +165,6 @@ def make(
 
 def check_tokenizer(config: ml_collections.ConfigDict) -> None:
     """A text config's masking ids and vocabulary must be those of its prepared tokenizer."""
-    from maskjax.config import ConfigError
     from maskjax.data import text_datasets
 
     tok = text_datasets.open_text_dataset(_text_dir(config.data), "train", max_length=config.data.seq_length)[

@@ -1,7 +1,8 @@
 """Hugging Face transformers checkpoints <-> maskjax parameters.
 
-One module per family holds the name mapping (bert.py also covers RoBERTa);
-this file only dispatches on the checkpoint's architecture:
+One module per family holds the name mapping (bert.py also covers RoBERTa), named by the
+family's line in `maskjax.models.FAMILIES`, and says which transformers architectures
+(`HF_ARCHITECTURES`) and model types (`HF_MODEL_TYPES`) it reads. This file only dispatches:
 
   load_hf(dir_or_torch_model) -> Imported(family, config, params, missing)
   save_hf(family, config, params, out_dir)                  config.json + model.safetensors
@@ -23,17 +24,9 @@ from flax import nnx
 
 from maskjax import models
 
-# maskjax family -> the module with its name mapping
-_MODULE = {
-    "bert": "maskjax.interop.bert",
-    "roberta": "maskjax.interop.bert",
-    "gpt": "maskjax.interop.gpt",
-    "mae": "maskjax.interop.mae",
-    "beit": "maskjax.interop.beit",
-}
-_MODULES = tuple(dict.fromkeys(_MODULE.values()))
-# transformers' model_type -> maskjax family
-_FAMILY = {"bert": "bert", "roberta": "roberta", "gpt2": "gpt", "vit_mae": "mae", "beit": "beit"}
+
+def _modules() -> list[str]:
+    return list(dict.fromkeys(f.interop for f in models.FAMILIES.values() if f.interop))
 
 
 class Imported(NamedTuple):
@@ -52,11 +45,11 @@ def _transformers():
 
 
 def _module_for(architecture: str):
-    for name in _MODULES:
+    for name in _modules():
         module = importlib.import_module(name)
         if architecture in module.HF_ARCHITECTURES:
             return module
-    known = sorted(a for n in _MODULES for a in importlib.import_module(n).HF_ARCHITECTURES)
+    known = sorted(a for n in _modules() for a in importlib.import_module(n).HF_ARCHITECTURES)
     raise ValueError(f"architecture {architecture!r} is not supported; supported: {known}")
 
 
@@ -108,7 +101,7 @@ def load_hf(source: str | Path | Any, *, seed: int = 0) -> Imported:
         state = {k: v.detach().float().cpu().numpy() for k, v in source.state_dict().items()}
         architecture = type(source).__name__
     module = _module_for(architecture)
-    family = _FAMILY[hf_config.model_type]
+    family = module.HF_MODEL_TYPES[hf_config.model_type]
     cfg = module.config_from_hf(hf_config)
     converted = module.params_from_hf(state, cfg)
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(models.build(family, cfg, seed), nnx.Param)))
@@ -120,9 +113,11 @@ def save_hf(family: str, cfg: Any, params: Mapping, out_dir: str | Path) -> Path
     """Write a directory that transformers' `from_pretrained` loads."""
     from safetensors.numpy import save_file
 
-    if family not in _MODULE:
-        raise ValueError(f"export to transformers supports families {sorted(_MODULE)}; got {family!r}")
-    module = importlib.import_module(_MODULE[family])
+    entry = models.FAMILIES.get(family)
+    if entry is None or entry.interop is None:
+        supported = sorted(f for f, e in models.FAMILIES.items() if e.interop)
+        raise ValueError(f"export to transformers supports families {supported}; got {family!r}")
+    module = importlib.import_module(entry.interop)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     module.hf_config(cfg).save_pretrained(out)

@@ -28,6 +28,8 @@ import numpy as np
 
 from maskjax.models.beit import BeitConfig
 
+# transformers' model_type -> the maskjax model family it converts to
+HF_MODEL_TYPES: dict[str, str] = {"beit": "beit"}
 HF_ARCHITECTURES: tuple[str, ...] = ("BeitForMaskedImageModeling",)
 FAMILIES: tuple[str, ...] = ("beit",)
 

@@ -36,6 +36,8 @@ from flax import nnx
 
 from maskjax.models.bert import Bert, BertConfig
 
+# transformers' model_type -> the maskjax model family it converts to
+HF_MODEL_TYPES: dict[str, str] = {"bert": "bert", "roberta": "roberta"}
 HF_ARCHITECTURES = (
     "BertForPreTraining",
     "BertForMaskedLM",

@@ -19,6 +19,8 @@ import numpy as np
 
 from maskjax.models.gpt import GptConfig
 
+# transformers' model_type -> the maskjax model family it converts to
+HF_MODEL_TYPES: dict[str, str] = {"gpt2": "gpt"}
 HF_ARCHITECTURES: tuple[str, ...] = ("GPT2LMHeadModel", "GPT2Model")
 FAMILIES: tuple[str, ...] = ("gpt",)
 

@@ -30,6 +30,8 @@ import numpy as np
 from maskjax.models import layers
 from maskjax.models.vit import MaeConfig, decoder_config, sincos_pos_embed_2d
 
+# transformers' model_type -> the maskjax model family it converts to
+HF_MODEL_TYPES: dict[str, str] = {"vit_mae": "mae"}
 HF_ARCHITECTURES: tuple[str, ...] = ("ViTMAEForPreTraining",)
 FAMILIES: tuple[str, ...] = ("mae",)
 
@@ -96,9 +98,7 @@ def config_from_hf(hf_config) -> MaeConfig:
         decoder_layers=hf_config.decoder_num_hidden_layers,
         decoder_heads=hf_config.decoder_num_attention_heads,
         decoder_mlp_dim=hf_config.decoder_intermediate_size,
-        mask_ratio=hf_config.mask_ratio,
-        norm_pix_loss=bool(hf_config.norm_pix_loss),
-    )
+    )  # mask_ratio and norm_pix_loss are training settings: a maskjax config's `masking` section
 
 
 def hf_config(cfg: MaeConfig):
@@ -133,8 +133,6 @@ def hf_config(cfg: MaeConfig):
         decoder_hidden_size=cfg.decoder_hidden,
         decoder_num_hidden_layers=cfg.decoder_layers,
         decoder_intermediate_size=cfg.decoder_mlp_dim,
-        mask_ratio=cfg.mask_ratio,
-        norm_pix_loss=cfg.norm_pix_loss,
         architectures=list(HF_ARCHITECTURES),
     )
 

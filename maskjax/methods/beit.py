@@ -8,6 +8,10 @@ masking  masking.beit_block_mask: blocks of >= 16 patches, aspect in [0.3, 1/0.3
          exactly `num_masked` patches per image (75 of 196 at 224/16, Sec. 2.3)
 model    models.beit.Beit: [MASK] embedding at masked patches; logits only there
 loss     cross-entropy of the visual-token ids at the masked patches
+
+FLOPs per step = B · (3 · (2·N·P·D + stack_flops(D, F, L, 1+N) + 2·M·D·V) + tokenizer forward),
+with P pixels per patch, M = num_masked and V the codebook: logits at the masked patches only, and
+the frozen tokenizer runs forward only (no gradient).
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maskjax import checkpoint, losses, masking, models
-from maskjax.methods import image_batch_spec
+from maskjax.errors import ConfigError
+from maskjax.methods import Method, image_batch_spec, stack_flops
+from maskjax.methods.vqvae import vq_forward_flops
 from maskjax.models import beit
 
 
@@ -51,8 +56,6 @@ def tokenizer_config(config: Any) -> beit.VqConfig:
     try:
         return _tokenizer(m.tokenizer_workdir)[1]
     except FileNotFoundError as e:
-        from maskjax.config import ConfigError
-
         raise ConfigError(
             f"masking.tokenizer (the tokenizer's model fields) is not set and {e}: "
             "set masking.tokenizer_workdir to a trained vqvae workdir, or masking.tokenizer for shapes alone"
@@ -68,8 +71,6 @@ def extras(config: Any) -> dict:
     """The frozen tokenizer's parameters, passed into the jitted step (never trained)."""
     _, cfg, params = _tokenizer(config.masking.tokenizer_workdir)
     if tokenizer_config(config) != cfg:
-        from maskjax.config import ConfigError
-
         raise ConfigError(
             f"masking.tokenizer={config.masking.tokenizer.to_dict()} differs from the config of the "
             f"tokenizer in masking.tokenizer_workdir={config.masking.tokenizer_workdir}: {cfg}"
@@ -110,5 +111,48 @@ def loss(
 batch_spec = image_batch_spec  # the global batch's shapes, for ahead-of-time compiles
 
 
-def report(trainer: Any, state: dict, config: Any, workdir: epath.Path) -> None:
-    """Nothing beyond the eval metrics (visual-token loss and accuracy) already in metrics.jsonl."""
+def flops(config: Any, model_cfg: beit.BeitConfig) -> int:
+    """Model FLOPs of one train step; formula in the module docstring."""
+    c = model_cfg
+    n, pixels = c.num_patches, c.patch_size**2 * c.channels
+    forward = (
+        2 * n * pixels * c.hidden
+        + stack_flops(c.hidden, c.mlp_dim, c.layers, 1 + n)
+        + 2 * config.masking.num_masked * c.hidden * c.codebook_size
+    )
+    return config.global_batch_size * (3 * forward + vq_forward_flops(tokenizer_config(config)))
+
+
+def describe_masking(config: Any, model_cfg: beit.BeitConfig) -> dict[str, Any]:
+    # Blockwise masking of exactly num_masked patches (Bao et al. 2022, Sec. 2.3, Algorithm 1).
+    m = config.masking
+    return {
+        "strategy": "blockwise",
+        "ratio": m.num_masked / model_cfg.num_patches,
+        "max_predictions": m.num_masked,
+    }
+
+
+def validate(config: Any, model_cfg: beit.BeitConfig) -> None:
+    m = config.get("masking") or {}
+    n = model_cfg.num_patches
+    count = m.get("num_masked")
+    if not isinstance(count, int) or not 0 < count < n:
+        raise ConfigError(f"masking.num_masked must be an integer in (0, {n} patches); got {count!r}")
+    if m.get("tokenizer") is None and not m.get("tokenizer_workdir"):
+        raise ConfigError(
+            "masking.tokenizer_workdir (a trained vqvae workdir) or masking.tokenizer must be set"
+        )
+
+
+BEIT = Method(
+    name="beit",
+    model="beit",
+    loss=loss,
+    batch_spec=batch_spec,
+    flops=flops,
+    masking=describe_masking,
+    validate=validate,
+    extras=extras,
+    extras_spec=extras_spec,
+)

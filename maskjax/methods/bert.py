@@ -3,28 +3,39 @@
 masking  15% of the tokens, 80% [MASK] / 10% random / 10% kept, at most
          `max_predictions` per sequence; drawn on device from fold_in(seed, step),
          so every pass over a sequence sees a fresh mask (RoBERTa's dynamic masking).
-         strategy: "bert" (tokens), "whole_word" (BERT 2019), "span" (SpanBERT), "roberta"
+         strategy: "bert" (tokens), "whole_word" (BERT 2019), "span" (SpanBERT), "roberta";
+         for ablations "random" (round(mask_prob·T) tokens, all [MASK], no 80/10/10) and
+         "contiguous" (one run of round(mask_prob·T) tokens, all [MASK])
 model    models.bert.Bert: vocabulary logits only at the gathered masked positions
 loss     cross-entropy on masked positions (+ next-sentence prediction for BERT)
+metrics  mlm_accuracy (masked-token top-1), for every strategy alike
+
+FLOPs per step = B · 3 · (stack_flops(D, F, L, T) + P·(2D² + 2D·V) [+ 2D² pooler] [+ 4D NSP]),
+with P the prediction slots per row (the head's transform and vocabulary projection run there only).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
-from etils import epath
-from flax import nnx
 
 from maskjax import losses, masking
-from maskjax.config import MLM_STRATEGIES
+from maskjax.errors import ConfigError
+from maskjax.methods import Method, stack_flops
 from maskjax.models import bert
 
-STRATEGIES = MLM_STRATEGIES
+STRATEGIES = ("bert", "whole_word", "span", "roberta", "random", "contiguous")
+_ABLATIONS = ("random", "contiguous")  # the simple strategies: a fixed count, every chosen token [MASK]
+
+
+def num_predictions(m: Any, seq_length: int) -> int:
+    """P, the prediction slots per row: `max_predictions`, or the ablations' fixed count."""
+    if m.strategy in _ABLATIONS:
+        return max(1, round(m.mask_prob * seq_length))
+    return m.max_predictions
 
 
 def mask(key: jax.Array, batch: dict, vocab_size: int, m: Any) -> masking.MlmMask:
@@ -46,6 +57,15 @@ def mask(key: jax.Array, batch: dict, vocab_size: int, m: Any) -> masking.MlmMas
         return masking.span_mlm(key, ids, batch["word_starts"], **common)
     if m.strategy == "roberta":
         return masking.roberta_mlm(key, ids, **common)
+    if m.strategy in _ABLATIONS:
+        real = ids != m.pad_id
+        candidates = real & ~jnp.isin(ids, jnp.asarray(tuple(m.special_ids), ids.dtype))
+        count = num_predictions(m, ids.shape[1])
+        if m.strategy == "random":
+            return masking.random_token_mask(
+                key, ids, candidates, ratio=count / ids.shape[1], mask_id=m.mask_id
+            )
+        return masking.contiguous_block_mask(key, ids, candidates, length=count, mask_id=m.mask_id)
     raise ValueError(f"masking.strategy must be one of {STRATEGIES}; got {m.strategy!r}")
 
 
@@ -89,41 +109,52 @@ def batch_spec(config: Any, model_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
     return spec
 
 
-def _eval_accuracy(model: bert.Bert, batch: dict, key: jax.Array, masking_cfg: Any, top_token: int) -> dict:
-    m = mask(key, batch, model.cfg.vocab_size, masking_cfg)
-    out = model(
-        m.inputs,
-        token_type_ids=batch.get("token_type_ids"),
-        attention_mask=batch["attention_mask"],
-        masked_positions=m.positions,
+def flops(config: Any, model_cfg: bert.BertConfig) -> int:
+    """Model FLOPs of one train step; formula in the module docstring."""
+    c, t, d = model_cfg, config.data.seq_length, model_cfg.hidden
+    forward = stack_flops(d, c.mlp_dim, c.layers, t) + num_predictions(config.masking, t) * (
+        2 * d * d + 2 * d * c.vocab_size
     )
-    baseline = jnp.full(m.targets.shape, top_token)
+    forward += 2 * d * d if c.pooler else 0
+    forward += 2 * d * 2 if c.nsp else 0
+    return config.global_batch_size * 3 * forward
+
+
+def describe_masking(config: Any, model_cfg: bert.BertConfig) -> dict[str, Any]:
+    m = config.masking
     return {
-        "mlm_accuracy": losses.masked_accuracy(out["mlm_logits"], m.targets, m.weights),
-        "unigram_accuracy": losses.weighted_mean((baseline == m.targets).astype(jnp.float32), m.weights),
+        "strategy": m.strategy,
+        "ratio": m.mask_prob,
+        "max_predictions": num_predictions(m, config.data.seq_length),
     }
 
 
-def report(trainer: Any, state: dict, config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
-    """Held-out masked-token accuracy beside the unigram baseline (always the most frequent token)."""
-    from maskjax.data import loaders
+def validate(config: Any, model_cfg: bert.BertConfig) -> None:
+    m = config.get("masking")
+    if m is None:
+        raise ConfigError("masking is missing from the config (strategy, mask_prob, max_predictions, ...)")
+    if m.get("strategy") not in STRATEGIES:
+        raise ConfigError(f"masking.strategy must be one of {list(STRATEGIES)}; got {m.get('strategy')!r}")
+    for field in ("mask_prob", "max_predictions", "mask_id", "pad_id", "special_ids"):
+        if field not in m:
+            raise ConfigError(f"masking.{field} is missing from the config")
+    if not isinstance(m.mask_prob, int | float) or not 0.0 < m.mask_prob < 1.0:
+        raise ConfigError(f"masking.mask_prob must be in (0, 1); got {m.mask_prob!r}")
+    seq = config.data.seq_length
+    p = num_predictions(m, seq)
+    if not isinstance(p, int) or not 1 <= p <= seq:
+        raise ConfigError(f"masking.max_predictions must be in [1, data.seq_length={seq}]; got {p!r}")
 
-    train_ids = loaders.first_batches(config, "train", 8)["input_ids"]
-    counts = np.bincount(train_ids.ravel(), minlength=trainer.model_cfg.vocab_size)
-    counts[list(config.masking.special_ids) + [config.masking.pad_id, config.masking.mask_id]] = 0
-    top_token = int(counts.argmax())
-    batch = loaders.first_batches(config, "eval", config.get("eval_batches", 4))
-    model = nnx.merge(trainer.graphdef, jax.device_get(state["params"]))
-    key = jax.random.fold_in(jax.random.key(config.seed), 2)  # a stream of its own
-    out = jax.jit(lambda mdl, b, k: _eval_accuracy(mdl, b, k, config.masking, top_token))(model, batch, key)
-    result = {
-        "eval_masked_token_accuracy": float(out["mlm_accuracy"]),
-        "unigram_baseline_accuracy": float(out["unigram_accuracy"]),
-    }
-    (epath.Path(workdir) / "report.json").write_text(json.dumps(result, indent=2))
-    print(
-        f"held-out masked-token accuracy: {result['eval_masked_token_accuracy']:.4f}   "
-        f"unigram-frequency baseline: {result['unigram_baseline_accuracy']:.4f}",
-        flush=True,
-    )
-    return result
+
+BERT = Method(
+    name="bert",
+    model="bert",
+    loss=loss,
+    batch_spec=batch_spec,
+    flops=flops,
+    masking=describe_masking,
+    validate=validate,
+    evaluators=("mlm_unigram_baseline",),
+)
+# RoBERTa: the same objective without NSP (its model config says so); the data layout differs.
+ROBERTA = dataclasses.replace(BERT, name="roberta", model="roberta")

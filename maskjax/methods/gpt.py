@@ -5,6 +5,9 @@ masking  masking.causal_lm: targets shifted by one, weights 0 where the next
          and confined to the document (segment ids)
 model    models.gpt.Gpt
 loss     cross-entropy over real next tokens; perplexity = exp(loss)
+
+FLOPs per step = B · 3 · (stack_flops(D, F, L, T) + 2·T·D·V): the tied output projection runs at
+every position.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from etils import epath
 
 from maskjax import losses, masking
+from maskjax.methods import Method, stack_flops
 from maskjax.models import gpt
 
 
@@ -42,5 +45,15 @@ def batch_spec(config: Any, model_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
     }
 
 
-def report(trainer: Any, state: dict, config: Any, workdir: epath.Path) -> None:
-    """Nothing beyond the eval metrics (loss, perplexity) already in metrics.jsonl."""
+def flops(config: Any, model_cfg: gpt.GptConfig) -> int:
+    """Model FLOPs of one train step; formula in the module docstring."""
+    c, t = model_cfg, config.data.seq_length
+    forward = stack_flops(c.hidden, c.mlp_dim, c.layers, t) + 2 * t * c.hidden * c.vocab_size
+    return config.global_batch_size * 3 * forward
+
+
+def describe_masking(config: Any, model_cfg: gpt.GptConfig) -> dict[str, Any]:
+    return {"strategy": "causal", "ratio": None, "max_predictions": None}  # no masking: the next token
+
+
+GPT = Method(name="gpt", model="gpt", loss=loss, batch_spec=batch_spec, flops=flops, masking=describe_masking)

@@ -12,30 +12,41 @@ import dataclasses
 import importlib
 import types
 import typing
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from flax import nnx
 
-# family -> (module, config class, model class). BERT and RoBERTa share one model;
-# their configs differ where the papers differ (positions, token types, NSP).
-FAMILIES: dict[str, tuple[str, str, str]] = {
-    "bert": ("maskjax.models.bert", "BertConfig", "Bert"),
-    "roberta": ("maskjax.models.bert", "BertConfig", "Bert"),
-    "gpt": ("maskjax.models.gpt", "GptConfig", "Gpt"),
-    "mae": ("maskjax.models.vit", "MaeConfig", "Mae"),
-    "vit": ("maskjax.models.vit", "VitConfig", "Vit"),
-    "beit": ("maskjax.models.beit", "BeitConfig", "Beit"),
-    "vqvae": ("maskjax.models.beit", "VqConfig", "VqTokenizer"),
+
+class Family(NamedTuple):
+    """A model architecture: where its config dataclass and NNX model live, and (optionally) the
+    `maskjax.interop` module that converts it to and from transformers checkpoints."""
+
+    module: str
+    config: str
+    model: str
+    interop: str | None = None
+
+
+# One line per architecture. BERT and RoBERTa share one model; their configs differ where the papers
+# differ (positions, token types, NSP). A checkpoint's "family" is a key of this table.
+FAMILIES: dict[str, Family] = {
+    "bert": Family("maskjax.models.bert", "BertConfig", "Bert", "maskjax.interop.bert"),
+    "roberta": Family("maskjax.models.bert", "BertConfig", "Bert", "maskjax.interop.bert"),
+    "gpt": Family("maskjax.models.gpt", "GptConfig", "Gpt", "maskjax.interop.gpt"),
+    "mae": Family("maskjax.models.vit", "MaeConfig", "Mae", "maskjax.interop.mae"),
+    "vit": Family("maskjax.models.vit", "VitConfig", "Vit"),
+    "beit": Family("maskjax.models.beit", "BeitConfig", "Beit", "maskjax.interop.beit"),
+    "vqvae": Family("maskjax.models.beit", "VqConfig", "VqTokenizer"),
 }
 
 
 def _lookup(family: str) -> tuple[type, type]:
     if family not in FAMILIES:
         raise ValueError(f"model family must be one of {sorted(FAMILIES)}; got {family!r}")
-    module, config_cls, model_cls = FAMILIES[family]
-    mod = importlib.import_module(module)
-    return getattr(mod, config_cls), getattr(mod, model_cls)
+    entry = FAMILIES[family]
+    mod = importlib.import_module(entry.module)
+    return getattr(mod, entry.config), getattr(mod, entry.model)
 
 
 def config_class(family: str) -> type:
@@ -55,10 +66,22 @@ def _coerce(hint: Any, value: Any) -> Any:
     return value
 
 
-def make_config(family: str, values: dict[str, Any]) -> Any:
-    """A family's config dataclass from plain values, naming any unknown field."""
+def make_config(family: str, values: dict[str, Any], *, drop_moved: bool = False) -> Any:
+    """A family's config dataclass from plain values, naming any unknown field.
+
+    Fields a config class lists in `MOVED` (once model fields, now set elsewhere) are refused with
+    their new place, or dropped with `drop_moved` (a checkpoint's spec written before the move).
+    """
     cls = config_class(family)
-    hints = typing.get_type_hints(cls)
+    hints = {
+        k: v for k, v in typing.get_type_hints(cls).items() if typing.get_origin(v) is not typing.ClassVar
+    }
+    moved = getattr(cls, "MOVED", {})
+    for old, new in moved.items():
+        if old in values and drop_moved:
+            values = {k: v for k, v in values.items() if k != old}
+        elif old in values:
+            raise ValueError(f"model.{old} has moved: set {new} instead")
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise ValueError(f"model.{unknown[0]} is not a field of {cls.__name__}; allowed: {sorted(hints)}")
