@@ -9,27 +9,16 @@ recipe below is ours (not from a paper): AdamW 1e-3, cosine, 100 epochs.
   maskjax train --config=configs/beit_base.py --workdir=DIR --config.masking.tokenizer_workdir=TOK
 """
 
-import importlib.util
 import math
-from pathlib import Path
 
 import ml_collections
 
-
-def _sibling(name: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(
-        f"maskjax_config_{name}", Path(__file__).with_name(f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    beit = _sibling("beit_base")
-    c = ml_collections.ConfigDict()
-    c.family = "vqvae"
-    c.seed = 0
+    beit = defaults.from_file("beit_base")
+    c = defaults.base("vqvae")
     c.global_batch_size = 1024
     epochs = 100
     c.total_steps = math.ceil(epochs * 1_281_167 / c.global_batch_size)  # ImageNet-1k train images
@@ -37,11 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every = 5000
     c.eval_batches = 10
     c.checkpoint_every = 5000
-    c.keep_checkpoints = 3
     c.hardware = dict(accelerator="v3-32", topology="v3:4x4", description="TPU v3, 32 cores", num_devices=32)
-    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
-    c.data = beit.data.to_dict()
-    c.model = beit.masking.tokenizer.to_dict()  # the one definition BEiT's configs check against
-    c.optimizer = dict(name="adamw", peak_lr=1e-3, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
-    c.schedule = dict(warmup_steps=2000, decay="cosine", end_lr=0.0)
+    c.data.update(beit.data.to_dict())
+    c.model.update(beit.masking.tokenizer.to_dict())  # the one definition BEiT's configs check against
+    c.optimizer.update(name="adamw", peak_lr=1e-3, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
+    c.schedule.update(warmup_steps=2000, decay="cosine", end_lr=0.0)
     return c

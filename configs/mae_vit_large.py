@@ -1,33 +1,20 @@
 """MAE ViT-L/16 pre-training (He et al. 2022, Table 8 / appendix A.1): configs/mae_vit_base.py with
-the ViT-L/16 encoder. Table 8's setting is shared by all sizes: batch 4096, base lr 1.5e-4 (× batch / 256),
-AdamW β=(0.9, 0.95), weight decay 0.05, 40 warmup epochs, cosine decay, 800 epochs (1600 in Table 3).
+the ViT-L/16 encoder, the same as `--config=configs/mae_vit_base.py:large`. Table 8's setting is shared
+by all sizes: batch 4096, base lr 1.5e-4 (× batch / 256), AdamW β=(0.9, 0.95), weight decay 0.05,
+40 warmup epochs, cosine decay, 800 epochs (1600 in Table 3).
+
+ViT-L/16: 1024-d, 24 blocks, 16 heads; the default 8-block 512-d decoder.
+32 images per core: pure data parallel, the mesh of mae_vit_base. Without rematerialisation the step
+peaks at 14.0 GiB of a v3 core's 15.5 usable; saving only matmul outputs ("dots") leaves room: 7.9 GiB
+(maskjax.aot on v3:8x8).
 
   maskjax describe --config=configs/mae_vit_large.py
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-from maskjax import models
-from maskjax.models import vit
-
-
-def _sibling(name: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(
-        f"maskjax_config_{name}", Path(__file__).with_name(f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = _sibling("mae_vit_base")
-    # ViT-L/16: 1024-d, 24 blocks, 16 heads; the default 8-block 512-d decoder.
-    # 32 images per core: pure data parallel, the mesh of mae_vit_base. Without rematerialisation the step
-    # peaks at 14.0 GiB of a v3 core's 15.5 usable; saving only matmul outputs ("dots") leaves room: 7.9 GiB
-    # (maskjax.aot on v3:8x8).
-    c.model = models.config_to_dict(vit.mae_vit_large(dtype="bfloat16", remat="dots"))
-    return c
+    return defaults.from_file("mae_vit_base", "large")

@@ -21,10 +21,14 @@ class UsageError(Exception):
 
 
 def _config_flag() -> None:
-    from ml_collections import config_flags
+    from maskjax import defaults
 
-    config_flags.DEFINE_config_file(
-        "config", None, "A config file, e.g. configs/demo/mae.py.", lock_config=True
+    # config_flags' locked --config flag; a misspelt --config.KEY or FILE:VARIANT exits with one line
+    # naming the nearest valid ones (absl parses inside app.run, where it would be a traceback).
+    defaults.define_config_flag(
+        "config",
+        "A config file, e.g. configs/demo/mae.py, or FILE:VARIANT (configs/gpt2_small.py:xl).",
+        exit_on_error=True,
     )
 
 

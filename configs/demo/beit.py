@@ -9,11 +9,11 @@ Needs the tokenizer of configs/demo/vqvae.py first (BEiT's two stages):
 
 import ml_collections
 
+from maskjax import defaults
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.family = "beit"
-    c.seed = 0
+    c = defaults.base("beit")
     c.total_steps = 600
     c.global_batch_size = 128
     c.log_every = 50
@@ -21,11 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batches = 2
     c.checkpoint_every = 200
     c.keep_checkpoints = 2
-    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
-    c.data = dict(kind="image", dataset="digits", image_size=8, scale=(0.6, 1.0), flip=False, crop_pct=1.0)
+    c.data.update(kind="image", dataset="digits", image_size=8, scale=(0.6, 1.0), flip=False, crop_pct=1.0)
     # 40% of a 4×4 patch grid in blocks of >= 2 patches (BEiT: 75 of 196 in blocks of >= 16).
     c.masking = dict(tokenizer_workdir="/tmp/vqvae-demo", num_masked=6, min_block=2)
-    c.model = dict(
+    c.model.update(
         image_size=8,
         patch_size=2,
         channels=1,
@@ -40,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
         attention_dropout=0.0,
         layer_norm_eps=1e-6,
     )
-    c.optimizer = dict(
+    c.optimizer.update(
         name="adamw",
         peak_lr=1.5e-3,
         b1=0.9,
@@ -50,5 +49,5 @@ def get_config() -> ml_collections.ConfigDict:
         grad_clip=3.0,  # BEiT appendix: gradient clipping 3.0
         no_decay=("bias", "scale", "gamma", "cls_token", "mask_token", "rel_pos"),
     )
-    c.schedule = dict(warmup_steps=50, decay="cosine", end_lr=1e-5)
+    c.schedule.update(warmup_steps=50, decay="cosine", end_lr=1e-5)
     return c

@@ -9,22 +9,20 @@ configs/bert_base.py — at a size that trains in a few minutes on 2 CPU cores.
 
 import ml_collections
 
+from maskjax import defaults
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.family = "bert"
-    c.seed = 0
+    c = defaults.base("bert")
     c.total_steps = 1000
     c.global_batch_size = 32
     c.log_every = 50
     c.eval_every = 250
-    c.eval_batches = 4
     c.checkpoint_every = 250
     c.keep_checkpoints = 2
-    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
 
     # A trained WordPiece vocabulary: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4.
-    c.data = dict(kind="text", name="wikipedia_bert128", layout="bert", seq_length=128, vocab_size=8192)
+    c.data.update(kind="text", name="wikipedia_bert128", layout="bert", seq_length=128, vocab_size=8192)
     c.masking = dict(
         strategy="whole_word",
         mask_prob=0.15,  # BERT Sec. 3.1
@@ -33,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
         pad_id=0,
         special_ids=(2, 3),  # [CLS], [SEP] are never chosen
     )
-    c.model = dict(
+    c.model.update(
         vocab_size=8192,
         max_length=128,
         hidden=128,
@@ -43,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
         dropout=0.1,
         attention_dropout=0.1,
     )
-    c.optimizer = dict(
+    c.optimizer.update(
         name="adamw",
         peak_lr=1e-3,
         b1=0.9,
@@ -53,5 +51,5 @@ def get_config() -> ml_collections.ConfigDict:
         grad_clip=1.0,
         no_decay=("bias", "scale"),  # BERT's optimizer skips LayerNorm and biases only
     )
-    c.schedule = dict(warmup_steps=100, decay="linear", end_lr=0.0)
+    c.schedule.update(warmup_steps=100, decay="linear", end_lr=0.0)
     return c

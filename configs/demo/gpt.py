@@ -5,23 +5,21 @@ maskjax train --config=configs/demo/gpt.py --workdir=/tmp/gpt-demo
 
 import ml_collections
 
+from maskjax import defaults
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.family = "gpt"
-    c.seed = 0
+    c = defaults.base("gpt")
     c.total_steps = 1000
     c.global_batch_size = 32
     c.log_every = 50
     c.eval_every = 250
-    c.eval_batches = 4
     c.checkpoint_every = 250
     c.keep_checkpoints = 2
-    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
 
-    c.data = dict(kind="text", name="wikipedia_gpt128", layout="gpt", seq_length=128, vocab_size=8192)
-    c.model = dict(vocab_size=8192, max_length=128, hidden=128, layers=2, heads=2, mlp_dim=512, dropout=0.1)
-    c.optimizer = dict(
+    c.data.update(kind="text", name="wikipedia_gpt128", layout="gpt", seq_length=128, vocab_size=8192)
+    c.model.update(vocab_size=8192, max_length=128, hidden=128, layers=2, heads=2, mlp_dim=512, dropout=0.1)
+    c.optimizer.update(
         name="adamw",
         peak_lr=1e-3,
         b1=0.9,
@@ -31,5 +29,5 @@ def get_config() -> ml_collections.ConfigDict:
         grad_clip=1.0,
         no_decay=("bias", "scale", "position"),
     )
-    c.schedule = dict(warmup_steps=100, decay="cosine", end_lr=1e-4)
+    c.schedule.update(warmup_steps=100, decay="cosine", end_lr=1e-4)
     return c

@@ -9,11 +9,11 @@ size that trains in a few minutes on 2 CPU cores.
 
 import ml_collections
 
+from maskjax import defaults
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.family = "mae"
-    c.seed = 0
+    c = defaults.base("mae")
     c.total_steps = 1500
     c.global_batch_size = 128
     c.log_every = 100
@@ -21,9 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batches = 2
     c.checkpoint_every = 500
     c.keep_checkpoints = 2
-    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
 
-    c.data = dict(
+    c.data.update(
         kind="image",
         dataset="digits",  # 1,797 8×8 handwritten digits bundled with scikit-learn
         train_split="train",
@@ -33,7 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
         flip=False,  # digits are not mirror-symmetric
         crop_pct=1.0,
     )
-    c.model = dict(
+    c.masking = dict(ratio=0.75, norm_pix_loss=False)  # MAE Sec. 3: 75% of the patches hidden
+    c.model.update(
         image_size=8,
         patch_size=2,
         channels=1,
@@ -45,13 +45,11 @@ def get_config() -> ml_collections.ConfigDict:
         decoder_layers=2,
         decoder_heads=4,
         decoder_mlp_dim=256,
-        mask_ratio=0.75,
-        norm_pix_loss=False,
         dropout=0.0,
         attention_dropout=0.0,
         layer_norm_eps=1e-6,
     )
-    c.optimizer = dict(
+    c.optimizer.update(
         name="adamw",
         base_lr=1.5e-4 * 8,  # MAE's 1.5e-4 (Table 8) is tuned for 800+ epochs; the demo runs ~130
         b1=0.9,
@@ -61,5 +59,5 @@ def get_config() -> ml_collections.ConfigDict:
         grad_clip=None,
         no_decay=("bias", "scale", "cls_token", "mask_token"),
     )
-    c.schedule = dict(warmup_steps=100, decay="cosine", end_lr=0.0)
+    c.schedule.update(warmup_steps=100, decay="cosine", end_lr=0.0)
     return c

@@ -5,22 +5,20 @@ maskjax train --config=configs/demo/roberta.py --workdir=/tmp/roberta-demo
 
 import ml_collections
 
+from maskjax import defaults
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.family = "roberta"
-    c.seed = 0
+    c = defaults.base("roberta")
     c.total_steps = 1000
     c.global_batch_size = 32
     c.log_every = 50
     c.eval_every = 250
-    c.eval_batches = 4
     c.checkpoint_every = 250
     c.keep_checkpoints = 2
-    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
 
     # A trained byte-level BPE with RoBERTa's specials: <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4.
-    c.data = dict(kind="text", name="wikipedia_roberta128", layout="roberta", seq_length=128, vocab_size=8192)
+    c.data.update(kind="text", name="wikipedia_roberta128", layout="roberta", seq_length=128, vocab_size=8192)
     c.masking = dict(
         strategy="roberta",
         mask_prob=0.15,  # RoBERTa Sec. 2.1 / 4.1
@@ -29,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
         pad_id=1,
         special_ids=(0, 2),
     )
-    c.model = dict(
+    c.model.update(
         vocab_size=8192,
         max_length=130,  # positions start after the padding id: 128 + pad_id + 1
         type_vocab_size=1,
@@ -43,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
         mlp_dim=512,
         layer_norm_eps=1e-5,
     )
-    c.optimizer = dict(
+    c.optimizer.update(
         name="adamw",
         peak_lr=1e-3,
         b1=0.9,
@@ -53,5 +51,5 @@ def get_config() -> ml_collections.ConfigDict:
         grad_clip=None,
         no_decay=("bias", "scale"),
     )
-    c.schedule = dict(warmup_steps=100, decay="linear", end_lr=0.0)
+    c.schedule.update(warmup_steps=100, decay="linear", end_lr=0.0)
     return c

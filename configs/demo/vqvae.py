@@ -7,11 +7,11 @@
 
 import ml_collections
 
+from maskjax import defaults
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.family = "vqvae"
-    c.seed = 0
+    c = defaults.base("vqvae")
     c.total_steps = 600
     c.global_batch_size = 128
     c.log_every = 50
@@ -19,9 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batches = 2
     c.checkpoint_every = 200
     c.keep_checkpoints = 2
-    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
-    c.data = dict(kind="image", dataset="digits", image_size=8, scale=(0.6, 1.0), flip=False, crop_pct=1.0)
-    c.model = dict(
+    c.data.update(kind="image", dataset="digits", image_size=8, scale=(0.6, 1.0), flip=False, crop_pct=1.0)
+    c.model.update(
         image_size=8,
         patch_size=2,
         channels=1,
@@ -32,6 +31,6 @@ def get_config() -> ml_collections.ConfigDict:
         heads=2,
         mlp_dim=128,
     )
-    c.optimizer = dict(name="adamw", peak_lr=1e-3, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
-    c.schedule = dict(warmup_steps=50, decay="cosine", end_lr=0.0)
+    c.optimizer.update(name="adamw", peak_lr=1e-3, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
+    c.schedule.update(warmup_steps=50, decay="cosine", end_lr=0.0)
     return c
