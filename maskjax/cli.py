@@ -1,15 +1,24 @@
 """`maskjax <command> [--flags]`: one entry point, absl flags per command.
 
-train      --config=configs/X.py --workdir=DIR [--config.KEY=VALUE ...]
-import-hf  --hf-dir=D --out=DIR      transformers checkpoint -> maskjax checkpoint
-export-hf  --workdir=DIR --out=D     maskjax checkpoint -> transformers directory
+`COMMANDS` names each command's flags, what it runs and the help that explains it;
+`maskjax --help` lists them, `maskjax COMMAND --help` shows one. Runs are quiet by default:
+the libraries' logs (absl, tfds, orbax, jax) and libtpu's start-up errors on a host without a
+TPU stay hidden unless -v/--verbosity asks for them; maskjax's own lines are plain prints.
 """
 
 from __future__ import annotations
 
+import difflib
+import glob
+import importlib.util
 import json
+import logging
+import os
 import sys
+import textwrap
 from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple, NoReturn
 
 from absl import app, flags
 
@@ -199,15 +208,296 @@ def _export_hf() -> None:
     print(f"{family}: wrote {out}")
 
 
-COMMANDS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
-    "train": (_train_flags, _train),
-    "prepare-text": (_prepare_text_flags, _prepare_text),
-    "benchmark-input": (_benchmark_input_flags, _benchmark_input),
-    "describe": (_describe_flags, _describe),
-    "compile": (_compile_flags, _compile),
-    "import-hf": (_import_hf_flags, _import_hf),
-    "export-hf": (_export_hf_flags, _export_hf),
+class Command(NamedTuple):
+    """A `maskjax` command: its flags, what it runs, and the help that explains it."""
+
+    define_flags: Callable[[], None]
+    run: Callable[[], None]
+    summary: str  # its line in `maskjax --help`
+    usage: str  # the flags it needs, after `maskjax COMMAND`
+    about: str  # the paragraph atop `maskjax COMMAND --help`: what it does and writes
+    example: str  # one command line that works as it stands (or with the user's paths)
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(
+        _train_flags,
+        _train,
+        "Pre-train a model from a config file, with checkpoints and metrics in a workdir.",
+        "--config=FILE --workdir=DIR [--config.KEY=VALUE ...]",
+        "Validates the whole config, builds the device mesh and trains: metrics.jsonl and TensorBoard "
+        "events in the workdir, an evaluation every eval_every steps, orbax checkpoints every "
+        "checkpoint_every. Started again on the same workdir it resumes from the latest checkpoint; "
+        "SIGTERM saves and exits 0. On a Cloud TPU VM every host runs the same command.",
+        "maskjax train --config=configs/demo/mae.py --workdir=/tmp/mae --config.total_steps=300",
+    ),
+    "prepare-text": Command(
+        _prepare_text_flags,
+        _prepare_text,
+        "Local text files -> a tokenizer and datasets of BERT, RoBERTa or GPT examples.",
+        "--inputs=DIR_OR_GLOB --out=DIR [--layout=L] [--max-length=N,...]",
+        "Splits the documents into train and validation, trains a tokenizer on the train split (or "
+        "uses --tokenizer), and writes one tfds dataset per --max-length in the chosen paper's layout, "
+        "plus prepare.json; prints what it wrote as JSON. A text config's data_dir can then point at "
+        "--out.",
+        "maskjax prepare-text --inputs='corpus/*.txt' --out=/tmp/text --max-length=128,512",
+    ),
+    "benchmark-input": Command(
+        _benchmark_input_flags,
+        _benchmark_input,
+        "Time a config's input pipeline against its train step, and the step's MFU.",
+        "--config=FILE [--steps=N] [--config.KEY=VALUE ...]",
+        "Times --steps batches of the input pipeline alone, then the train step, and prints as JSON "
+        "the examples per second of each (headroom > 1: the input keeps up with the step) and the "
+        "step's model FLOPs utilisation against a matmul peak measured on this machine.",
+        "maskjax benchmark-input --config=configs/demo/bert.py --steps=50",
+    ),
+    "describe": Command(
+        _describe_flags,
+        _describe,
+        "A config's resolved setup (sizes, exact parameter count, schedule) as JSON.",
+        "--config=FILE [--config.KEY=VALUE ...]",
+        "Resolves the config as a paper's hyperparameter table reads it: model sizes, the exact "
+        "parameter count (from shapes alone), masking, batch, schedule, optimizer, mesh and the "
+        "paper's hardware. Reads no data and allocates nothing.",
+        "maskjax describe --config=configs/mae_vit_large.py",
+    ),
+    "compile": Command(
+        _compile_flags,
+        _compile,
+        "Compile a config's train step for a TPU topology, no TPU needed; memory, FLOPs.",
+        "--config=FILE [--topology=TPU:AxB] [--hbm-gib=GIB] [--config.KEY=VALUE ...]",
+        "Lowers and compiles the whole train step for the config's mesh, on the TPU topology given "
+        "(needs libtpu, no TPU: works from a CPU host) or else on emulated CPU devices, and prints "
+        "per-device memory, FLOPs and whether it fits as JSON; exits 1 when it does not fit.",
+        "maskjax compile --config=configs/mae_vit_large.py --topology=v3:8x8",
+    ),
+    "import-hf": Command(
+        _import_hf_flags,
+        _import_hf,
+        "A Hugging Face transformers checkpoint -> a maskjax checkpoint.",
+        "--hf-dir=DIR --out=DIR",
+        "Reads a transformers checkpoint directory (BERT, RoBERTa, GPT-2, ViT-MAE or BEiT) without "
+        "PyTorch and writes it as a maskjax checkpoint into --out; parts the checkpoint lacks are "
+        "initialised from --seed and listed.",
+        "maskjax import-hf --hf-dir=/models/bert-base-uncased --out=/tmp/bert-base",
+    ),
+    "export-hf": Command(
+        _export_hf_flags,
+        _export_hf,
+        "A maskjax checkpoint -> a directory transformers' from_pretrained loads.",
+        "--workdir=DIR --out=DIR [--step=N]",
+        "Writes config.json and model.safetensors for a maskjax checkpoint (the latest, or --step) "
+        "so that transformers' AutoModel...from_pretrained loads it.",
+        "maskjax export-hf --workdir=/tmp/mae --out=/tmp/mae-hf",
+    ),
 }
+
+_HELP_ARGS = ("--help", "-h", "-help", "-?", "--helpshort")  # --helpfull stays absl's: every flag
+_VERBOSITY_ARGS = ("--verbosity", "-verbosity", "-v", "--v")
+_WIDTH = 100
+_GLOBAL_FLAGS = (
+    (
+        "-v, --verbosity",
+        "Show the libraries' logs too: -1 their warnings and libtpu's start-up messages, 0 also INFO, "
+        "1 DEBUG. Without it a run shows maskjax's own output and errors only.",
+    ),
+    ("-h, --help", "This help. --helpfull lists every flag absl knows."),
+)
+
+
+def _dashed(name: str) -> str:
+    """hf_dir -> hf-dir: the spelling the docs use (both work, see `_underscore_flag_name`)."""
+    return name.replace("_", "-")
+
+
+def _rows(rows: list[tuple[str, str]], indent: int = 2) -> str:
+    """Two columns, the second wrapped under itself; a name too long for the column gets its own line.
+
+    Runs of text joined by "\x1f" (e.g. "[default: none]") are not broken across lines.
+    """
+    left = indent + min(max(len(name) for name, _ in rows), 24) + 2
+    lines = []
+    for name, text in rows:
+        head = " " * indent + name
+        head = head.ljust(left) if len(head) + 2 <= left else head + "\n" + " " * left
+        body = textwrap.fill(text, _WIDTH, initial_indent=" " * left, subsequent_indent=" " * left)
+        lines.append(head + body[left:].replace("\x1f", " "))
+    return "\n".join(lines)
+
+
+def overview() -> str:
+    """`maskjax --help`: every command, one line each."""
+    rows = [(name, c.summary) for name, c in COMMANDS.items()]
+    return "\n".join(
+        [
+            "usage: maskjax COMMAND [--flags]",
+            "",
+            "Masked-modeling pre-training in JAX/Flax: BERT, RoBERTa, GPT-2, MAE and BEiT.",
+            "",
+            "commands:",
+            _rows(rows),
+            "",
+            "`maskjax COMMAND --help` (or `maskjax help COMMAND`) explains a command and lists its flags.",
+            "Every command takes -v/--verbosity=N to show the libraries' logs; runs are quiet by default.",
+        ]
+    )
+
+
+def define_command_flags(command: str) -> list[flags.Flag]:
+    """Define `command`'s flags in absl's FLAGS; return them (not absl's own), in definition order."""
+    known = set(FLAGS)
+    COMMANDS[command].define_flags()
+    return [FLAGS[name] for name in FLAGS if name not in known and FLAGS[name].name == name]
+
+
+def _default(flag: flags.Flag) -> str:
+    if flag.default is None:
+        return "none"
+    if isinstance(flag.default, bool):
+        return str(flag.default).lower()
+    if isinstance(flag.default, list):
+        return ",".join(map(str, flag.default))
+    return str(flag.default)
+
+
+def command_help(command: str, own: list[flags.Flag]) -> str:
+    """`maskjax COMMAND --help`: what it is for, an example, its flags with their defaults."""
+    cmd = COMMANDS[command]
+    rows = []
+    for flag in own:
+        name = ("--[no]" if flag.boolean else "--") + _dashed(flag.name)
+        text = flag.help.strip()
+        if flag.default is not None or "default" not in text:  # else the help says what it defaults to
+            text += " " + f"[default: {_default(flag)}]".replace(" ", "\x1f")
+        rows.append((name, text))
+        if flag.name == "config":
+            rows.append(("--config.KEY=VALUE", "Override one field of the config, e.g. --config.seed=1."))
+    return "\n".join(
+        [
+            f"usage: maskjax {command} {cmd.usage}",
+            "",
+            textwrap.fill(cmd.about, _WIDTH),
+            "",
+            "example:",
+            f"  {cmd.example}",
+            "",
+            "flags:",
+            _rows(rows) if rows else "  (none)",
+            "",
+            "global flags:",
+            _rows(list(_GLOBAL_FLAGS)),
+        ]
+    )
+
+
+def _show(text: str) -> NoReturn:
+    """Print help and exit 0, also when a pager or `head` closes the pipe early."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    sys.exit(0)
+
+
+def _fail(message: str) -> NoReturn:
+    """A command line we cannot run: the list of commands, then what was wrong, exit status 2."""
+    print(overview(), file=sys.stderr)
+    print(f"\nmaskjax: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _known_command(word: str) -> str:
+    """`word` if it names a command; otherwise fail, suggesting the nearest one."""
+    if word in COMMANDS:
+        return word
+    if word.startswith("-"):
+        _fail(f"the command comes first, then its flags: maskjax COMMAND [--flags]; got {word!r}")
+    near = difflib.get_close_matches(word, COMMANDS, n=1)
+    _fail(f"unknown command {word!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
+
+
+def _before_double_dash(args: list[str]) -> list[str]:
+    return args[: args.index("--")] if "--" in args else args
+
+
+def _asks_for_help(args: list[str]) -> bool:
+    return any(a in _HELP_ARGS for a in _before_double_dash(args))
+
+
+def _verbosity_given(args: list[str]) -> bool:
+    """-v/--verbosity on the command line, found before absl parses it (JAX must not be imported yet)."""
+    return any(a.split("=", 1)[0] in _VERBOSITY_ARGS for a in _before_double_dash(args))
+
+
+def _tpu_here() -> bool:
+    """Any sign of a TPU on this host (false positives only cost quiet: JAX then tries libtpu).
+
+    TPU VMs expose /dev/accel* (v2-v4) or VFIO groups (v5e and later) and Google PCI devices;
+    gVNIC and persistent-disk NVMe are Google's too, so network and storage classes do not count.
+    """
+    if glob.glob("/dev/accel*") or [p for p in glob.glob("/dev/vfio/*") if not p.endswith("/vfio")]:
+        return True
+    if any(os.environ.get(v) for v in ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "JAX_FORCE_TPU_INIT")):
+        return True
+    for device in glob.glob("/sys/bus/pci/devices/*"):
+        try:
+            vendor = Path(device, "vendor").read_text().strip()
+            pci_class = Path(device, "class").read_text().strip()
+        except OSError:
+            continue
+        if vendor == "0x1ae0" and not pci_class.startswith(("0x01", "0x02")):
+            return True
+    return False
+
+
+def _pjrt_plugin_installed() -> bool:
+    """A GPU (or other) backend JAX would discover: a jax_plugins module or entry point, or one named
+    in PJRT_NAMES_AND_LIBRARY_PATHS. Without one, the CPU is all JAX can use on a host without a TPU."""
+    import importlib.metadata
+    import pkgutil
+
+    if os.environ.get("PJRT_NAMES_AND_LIBRARY_PATHS"):
+        return True
+    spec = importlib.util.find_spec("jax_plugins")
+    if spec is not None and any(pkgutil.iter_modules(spec.submodule_search_locations or [])):
+        return True
+    return bool(importlib.metadata.entry_points(group="jax_plugins"))
+
+
+def _quiet_native_logs() -> None:
+    """Before JAX and libtpu load: their C++ INFO lines off, and no libtpu start on a host without a TPU.
+
+    With the `tpu` extra installed JAX tries libtpu on every host, and on one without a TPU that
+    prints a dozen lines of errors before falling back to the CPU; JAX_PLATFORMS=cpu skips the try.
+    An explicit JAX_PLATFORMS (even empty) is the user's choice and is kept.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    if (
+        "JAX_PLATFORMS" not in os.environ
+        and importlib.util.find_spec("libtpu") is not None
+        and not _tpu_here()
+        and not _pjrt_plugin_installed()
+    ):
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        if "jax" in sys.modules:  # imported already, its config has read the environment
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
+def _quiet_python_logs() -> None:
+    """After absl parsed the flags (it turns INFO on when --verbosity is absent): warnings and up only.
+
+    tfds and orbax log through the `absl` logger, dozens of INFO lines per run and hints such as
+    OpenCV's absence; those show from -v -1 on. tfds' progress bars go too.
+    """
+    logging.root.setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        return
+    tfds.display_progress_bar(False)
 
 
 def _underscore_flag_name(arg: str) -> str:
@@ -219,19 +509,31 @@ def _underscore_flag_name(arg: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`maskjax COMMAND [--flags]`: help and mistyped commands are answered before anything loads."""
     argv = list(sys.argv if argv is None else argv)
-    if len(argv) < 2 or argv[1] not in COMMANDS:
-        print(__doc__.strip(), file=sys.stderr)
-        given = argv[1] if len(argv) > 1 else "(none)"
-        sys.exit(f"maskjax: command must be one of {', '.join(COMMANDS)}; got {given}")
-    command = argv[1]
-    define_flags, run = COMMANDS[command]
-    define_flags()
-    rest = [_underscore_flag_name(a) for a in argv[2:]]
+    args = argv[1:]
+    if not args:
+        _fail("no command given; `maskjax help COMMAND` explains one, e.g. `maskjax help train`")
+    if args[0] in ("help", *_HELP_ARGS):
+        if args[0] == "help" and len(args) > 1:
+            command = _known_command(args[1])
+            _show(command_help(command, define_command_flags(command)))
+        _show(overview())
+    command = _known_command(args[0])
+    own = define_command_flags(command)
+    if _asks_for_help(args[1:]):
+        _show(command_help(command, own))
+    quiet = not _verbosity_given(args[1:])
+    if quiet:
+        _quiet_native_logs()
+    run = COMMANDS[command].run
+    rest = [_underscore_flag_name(a) for a in args[1:]]
 
     from maskjax.config import ConfigError
 
     def _run(_: list[str]) -> None:
+        if quiet:
+            _quiet_python_logs()
         try:
             run()
         except (UsageError, ConfigError, FileNotFoundError) as e:  # the user's to fix: one line
