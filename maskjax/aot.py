@@ -178,7 +178,7 @@ def compile_step(
         "num_devices": n,
         "mesh": dict(trainer.mesh.shape),
         "global_batch_size": config.global_batch_size,
-        "grad_accum_steps": config.get("grad_accum_steps", 1),
+        "grad_accum_steps": config.grad_accum_steps,
         "params": models.param_count(trainer.family, cfg),
         "dtype": cfg.dtype,
         "scan_layers": cfg.scan_layers,
@@ -198,7 +198,7 @@ def compile_step(
     start = time.perf_counter()
     try:
         with sharding.use_rules(trainer.mesh, trainer.rules):
-            lowered = trainer.train_step.lower(trainer.abstract_state, batch, trainer.abstract_extras)
+            lowered = trainer.train_step.lower(trainer.abstract_state, batch, trainer.abstract_extras())
         lower_seconds = time.perf_counter() - start
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:

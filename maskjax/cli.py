@@ -102,6 +102,7 @@ def _benchmark_input() -> None:
     from maskjax.data import loaders, pipeline
 
     config = FLAGS.config
+    loaders.prepare(config)
     source, transform = loaders.source_and_transform(config, "train")
     host = pipeline.benchmark_input(
         source,
@@ -117,7 +118,7 @@ def _benchmark_input() -> None:
     consumed = train.benchmark_step(trainer, FLAGS.steps)
     rows = host["local_batch"]
     # MFU: model FLOPs per second per device over the matmul peak measured here, in the compute dtype.
-    flops = aot.model_flops(config, trainer.model_cfg)["per_step"]
+    flops = trainer.method.flops(config, trainer.model_cfg)
     achieved = flops * consumed / config.global_batch_size / jax.device_count()
     peak = aot.matmul_peak_flops(getattr(trainer.model_cfg, "dtype", "float32"))
     result = {

@@ -4,8 +4,9 @@ A user's mistake is a `ConfigError` whose message names the field and what is
 allowed; the CLI prints it as one line and exits non-zero (no traceback).
 
 Every config has: family, seed, total_steps, global_batch_size, log_every,
-eval_every, checkpoint_every, keep_checkpoints, mesh, model, optimizer,
-schedule, data — plus the method's own section (`masking`), which the method's
+eval_every, checkpoint_every, keep_checkpoints, eval_batches, grad_accum_steps,
+mesh, model, optimizer, schedule, data (`maskjax.defaults.base` declares those
+with a default) — plus the method's own section (`masking`), which the method's
 `validate` checks (`maskjax.methods`).
 """
 
@@ -32,6 +33,9 @@ REQUIRED = (
     "log_every",
     "eval_every",
     "checkpoint_every",
+    "keep_checkpoints",
+    "eval_batches",
+    "grad_accum_steps",
     "mesh",
     "model",
     "optimizer",
@@ -55,13 +59,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Any:
     if family not in methods.REGISTRY:
         raise ConfigError(f"family must be one of {sorted(methods.REGISTRY)}; got {family!r}")
     method = methods.get(family)
-    for field in ("total_steps", "global_batch_size", "log_every", "eval_every", "checkpoint_every"):
+    for field in (
+        "total_steps",
+        "global_batch_size",
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "eval_batches",
+        "grad_accum_steps",
+    ):
         _positive_int(config, field)
-    if config.get("keep_checkpoints") is not None:
-        _positive_int(config, "keep_checkpoints")
-    accum = config.get("grad_accum_steps", 1)
-    if not isinstance(accum, int) or accum < 1:
-        raise ConfigError(f"grad_accum_steps must be a positive integer; got {accum!r}")
+    accum = config.grad_accum_steps
 
     try:
         mesh = sharding.mesh_shape(config.mesh.to_dict(), num_devices)

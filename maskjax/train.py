@@ -76,11 +76,6 @@ class Trainer:
             self.state_sharding,
         )
         self.batch_sharding = NamedSharding(self.mesh, sharding.logical_to_spec(("batch",), self.rules))
-        # Frozen inputs of the loss (BEiT's visual tokenizer), replicated: their shapes only, here.
-        spec = None if self.method.extras_spec is None else self.method.extras_spec(config)
-        self.abstract_extras = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), spec
-        )
         # Separate random streams for training steps and evaluation, each folded with a counter.
         self.train_key = jax.random.fold_in(jax.random.key(config.seed), 0)
         self.eval_key = jax.random.fold_in(jax.random.key(config.seed), 1)
@@ -90,6 +85,11 @@ class Trainer:
             self._train_step, out_shardings=(self.state_sharding, self.replicated), donate_argnums=0
         )
         self.eval_step = jax.jit(self._eval_step, out_shardings=self.replicated)
+
+    def abstract_extras(self) -> Any:
+        """ShapeDtypeStructs of the method's frozen inputs, replicated (ahead-of-time compiles)."""
+        spec = None if self.method.extras_spec is None else self.method.extras_spec(self.config)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), spec)
 
     def load_extras(self) -> Any:
         """The method's frozen inputs, read from disk (BEiT: its tokenizer checkpoint) and replicated."""
@@ -112,7 +112,7 @@ class Trainer:
         step = state["step"]
         key = jax.random.fold_in(self.train_key, step)  # a function of the step alone: exact resume
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
-        accum = self.config.get("grad_accum_steps", 1)
+        accum = self.config.grad_accum_steps
         if accum == 1:
             (_, metrics), grads = grad_fn(state["params"], batch, key, extras)
         else:
@@ -224,7 +224,7 @@ def evaluate(trainer: Trainer, params: dict, loader: Any, extras: Any) -> dict:
     """Mean of the method's metrics over the first `eval_batches` held-out batches, the same each time."""
     loader.set_state({**loader.get_state(), "step": 0})
     totals: dict[str, float] = {}
-    n = trainer.config.get("eval_batches", 4)
+    n = trainer.config.eval_batches
     for i in range(n):
         m = jax.device_get(trainer.eval_step(params, trainer.put_batch(next(loader)), jnp.int32(i), extras))
         for k, v in m.items():
@@ -292,8 +292,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-    keep = config.get("keep_checkpoints", 3)
-    with sharding.use_rules(trainer.mesh, trainer.rules), checkpoint.training_manager(workdir, keep) as mngr:
+    with (
+        sharding.use_rules(trainer.mesh, trainer.rules),
+        checkpoint.training_manager(workdir, config.keep_checkpoints) as mngr,
+    ):
 
         def phase_at(step: int) -> int:
             return max(i for i, (start, _) in enumerate(schedule) if start <= step)

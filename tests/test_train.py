@@ -289,3 +289,20 @@ def test_bad_phases_are_refused_before_training(phases, message, data_dir, tmp_p
     with pytest.raises(ConfigError, match=message):
         train.train(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_building_a_trainer_reads_no_data_and_loads_no_checkpoint(family, tmp_path):
+    """Construction is bookkeeping: data is prepared by `loaders.prepare` and frozen inputs are read by
+    `load_extras`, each an explicit step. Nothing exists on disk here, and nothing appears."""
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    config = tiny(family, empty)
+    config.data.corpus = str(empty / "no-corpus")
+    if family == "beit":
+        config.masking.tokenizer_workdir = str(empty / "no-tokenizer")
+    trainer = train.Trainer(config)
+    assert trainer.abstract_state["params"] and list(empty.iterdir()) == []
+    if family == "beit":
+        with pytest.raises(FileNotFoundError):
+            trainer.load_extras()
