@@ -18,7 +18,7 @@ from maskjax import defaults
 
 def get_config() -> ml_collections.ConfigDict:
     beit = defaults.from_file("beit_base")
-    c = defaults.base("vqvae")
+    c = defaults.base("vqvae", "image")
     c.global_batch_size = 1024
     epochs = 100
     c.total_steps = math.ceil(epochs * 1_281_167 / c.global_batch_size)  # ImageNet-1k train images

@@ -59,7 +59,7 @@ SIZES = {
 
 def get_config(size: str = "base") -> ml_collections.ConfigDict:
     s = defaults.variant(SIZES, size)
-    c = defaults.base("bert")
+    c = defaults.base("bert", "text")
     c.total_steps = 1_000_000  # A.2: "1,000,000 steps ... approximately 40 epochs over the 3.3B word corpus"
     c.global_batch_size = 256  # A.2: "batch size of 256 sequences"
     c.log_every = 1000

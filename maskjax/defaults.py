@@ -1,6 +1,6 @@
 """What every config starts from, and how one config file reuses another.
 
-    c = defaults.base("bert")                  # every default, declared once (a config then sets the rest)
+    c = defaults.base("bert", "text")          # every default, declared once (a config then sets the rest)
     c = defaults.from_file("gpt2_small", "medium")    # configs/gpt2_small.py's get_config("medium")
 
 Configs are locked when `--config=FILE` loads them, so a key the file does not hold cannot be set on
@@ -30,7 +30,7 @@ from ml_collections.config_flags import config_flags as _config_flags
 from ml_collections.config_flags import config_path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TEXT_FAMILIES = ("bert", "roberta", "gpt")
+DATA_KINDS = ("text", "image")
 T = TypeVar("T")
 
 
@@ -58,7 +58,7 @@ def _placeholder_or_value(value: Any, hint: Any) -> Any:
     return None
 
 
-def model_defaults(family: str) -> dict[str, Any]:
+def model_defaults(model: str) -> dict[str, Any]:
     """The family's model dataclass fields that have a default, at that default.
 
     Sizes without a default (hidden, layers, ...) are left for the config: the model section holds
@@ -66,7 +66,7 @@ def model_defaults(family: str) -> dict[str, Any]:
     """
     from maskjax import models  # here, not at the top: the CLI defines its flags before JAX may load
 
-    cls = models.config_class(family)
+    cls = models.config_class(model)
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
@@ -77,14 +77,19 @@ def model_defaults(family: str) -> dict[str, Any]:
     return out
 
 
-def base(family: str) -> ml_collections.ConfigDict:
-    """A config of `family` holding every default the code assumes, at the value the code assumes.
+def base(family: str, data_kind: str) -> ml_collections.ConfigDict:
+    """A config of method `family` reading `data_kind` ("text" or "image") data, holding every
+    default the code assumes, at the value the code assumes.
 
     Every file under configs/ starts here, then sets its own values (sections with `.update`, so the
     defaults it does not set stay declared). Not declared: what a config must state itself —
     total_steps, global_batch_size, the log/eval/checkpoint cadence (validation names a missing one),
     the data source, masking, optimizer name and betas, schedule decay.
     """
+    from maskjax import methods
+
+    if data_kind not in DATA_KINDS:
+        raise ValueError(f"data_kind must be one of {list(DATA_KINDS)}; got {data_kind!r}")
     c = ml_collections.ConfigDict()
     c.family = family
     c.seed = 0
@@ -93,10 +98,11 @@ def base(family: str) -> ml_collections.ConfigDict:
     c.eval_batches = 4  # held-out batches per evaluation (train.py, methods)
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}  # pure data parallel over every device
     data: dict[str, Any] = dict(
+        kind=data_kind,
         data_dir=config_dict.placeholder(str),  # None: $MASKJAX_DATA_DIR or ~/.cache/maskjax
         num_workers=0,  # input-pipeline worker processes; 0: in the training process
     )
-    if family in TEXT_FAMILIES:
+    if data_kind == "text":
         data.update(corpus=config_dict.placeholder(str))  # None: the bundled demo corpus
     else:  # image families (data/loaders.py's defaults)
         data.update(
@@ -109,7 +115,7 @@ def base(family: str) -> ml_collections.ConfigDict:
             channels=config_dict.placeholder(int),  # None: as stored
         )
     c.data = data
-    c.model = model_defaults(family)
+    c.model = model_defaults(methods.get(family).model)
     c.optimizer = dict(
         grad_clip=config_dict.placeholder(float),  # None: no clipping
         no_decay=("bias", "scale"),  # parameter-name parts exempt from weight decay

@@ -67,13 +67,15 @@ def test_documented_switches_take_effect_and_validate(spec):
 def test_every_config_starts_from_the_defaults(spec):
     """Each default of `defaults.base` is a key of the config, so `--config.KEY` always exists."""
     config = load(spec)
-    missing = set(defaults.dotted_keys(defaults.base(config.family))) - set(defaults.dotted_keys(config))
+    missing = set(defaults.dotted_keys(defaults.base(config.family, config.data.kind))) - set(
+        defaults.dotted_keys(config)
+    )
     assert not missing
 
 
 def test_defaults_are_the_codes():
     """The declared defaults are the values the code assumed with `config.get(KEY, default)`."""
-    c = defaults.base("bert")
+    c = defaults.base("bert", "text")
     assert (c.seed, c.grad_accum_steps, c.keep_checkpoints, c.eval_batches) == (0, 1, 3, 4)
     assert c.mesh.to_dict() == {"data": -1, "fsdp": 1, "tensor": 1}
     assert (c.data.num_workers, c.data.data_dir, c.data.corpus) == (0, None, None)
@@ -81,7 +83,7 @@ def test_defaults_are_the_codes():
     assert c.optimizer.no_decay == ("bias", "scale")
     assert (c.model.remat, c.model.scan_layers, c.model.dtype) == ("none", True, "float32")
     assert "hidden" not in c.model  # no default: the config states it
-    image = defaults.base("mae").data
+    image = defaults.base("mae", "image").data
     assert (image.scale, image.ratio, image.flip, image.crop_pct) == ((0.2, 1.0), (3 / 4, 4 / 3), True, 0.875)
 
 

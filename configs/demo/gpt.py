@@ -9,7 +9,7 @@ from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = defaults.base("gpt")
+    c = defaults.base("gpt", "text")
     c.total_steps = 1000
     c.global_batch_size = 32
     c.log_every = 50

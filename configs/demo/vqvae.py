@@ -11,7 +11,7 @@ from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = defaults.base("vqvae")
+    c = defaults.base("vqvae", "image")
     c.total_steps = 600
     c.global_batch_size = 128
     c.log_every = 50

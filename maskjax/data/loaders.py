@@ -14,6 +14,8 @@ loader afterwards only reads.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -41,14 +43,18 @@ def _once(key: str, prepare) -> None:
 
     Several processes meet at the barrier once per dataset: later calls (e.g. from a report that
     runs on process 0 alone) return at once instead of waiting for processes that never come.
+    tfds prints its own banner to stdout when it builds; `prepare` below says where the data is.
     """
+    quiet = lambda: contextlib.redirect_stdout(io.StringIO())
     if jax.process_count() == 1:
-        prepare()
+        with quiet():
+            prepare()
         return
     if key in _PREPARED:
         return
     if jax.process_index() == 0:
-        prepare()
+        with quiet():
+            prepare()
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices("maskjax: dataset prepared")
@@ -101,7 +107,8 @@ def prepare(config: ml_collections.ConfigDict) -> Path:
         check_tokenizer(config)
     else:
         raise ValueError(f"data.kind must be one of image, text; got {data.kind!r}")
-    print(f"data: {data.get('dataset') or data.get('name')} at {where}", flush=True)
+    if jax.process_index() == 0:
+        print(f"data: {data.get('dataset') or data.get('name')} at {where}", flush=True)
     return where
 
 

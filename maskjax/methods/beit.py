@@ -80,7 +80,8 @@ def extras(config: Any) -> dict:
 
 def extras_spec(config: Any) -> dict:
     """Shapes and dtypes of `extras(config)` (ShapeDtypeStructs), read from `tokenizer_config`."""
-    abstract = nnx.eval_shape(lambda: models.build("vqvae", tokenizer_config(config)))
+    cfg = tokenizer_config(config)  # outside the trace: it may read the tokenizer's checkpoint
+    abstract = nnx.eval_shape(lambda: models.build("vqvae", cfg))
     return {"tokenizer": nnx.to_pure_dict(nnx.state(abstract, nnx.Param))}
 
 
