@@ -25,9 +25,8 @@ __all__ = ["ConfigError", "phases", "rules", "validate", "model_config"]
 OPTIMIZERS = ("adamw", "lamb")
 DECAYS = ("linear", "cosine", "constant")
 REMAT = ("none", "full", "dots")
-REQUIRED = (
-    "family",
-    "seed",
+# Run-control counts, each a positive integer.
+COUNTS = (
     "total_steps",
     "global_batch_size",
     "log_every",
@@ -36,12 +35,8 @@ REQUIRED = (
     "keep_checkpoints",
     "eval_batches",
     "grad_accum_steps",
-    "mesh",
-    "model",
-    "optimizer",
-    "schedule",
-    "data",
 )
+REQUIRED = ("family", "seed", *COUNTS, "mesh", "model", "optimizer", "schedule", "data")
 
 
 def _positive_int(config: Any, field: str) -> None:
@@ -59,16 +54,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Any:
     if family not in methods.REGISTRY:
         raise ConfigError(f"family must be one of {sorted(methods.REGISTRY)}; got {family!r}")
     method = methods.get(family)
-    for field in (
-        "total_steps",
-        "global_batch_size",
-        "log_every",
-        "eval_every",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "eval_batches",
-        "grad_accum_steps",
-    ):
+    for field in COUNTS:
         _positive_int(config, field)
     accum = config.grad_accum_steps
 
