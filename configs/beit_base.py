@@ -50,7 +50,7 @@ SIZES = {
 
 def get_config(size: str = "base") -> ml_collections.ConfigDict:
     s = defaults.variant(SIZES, size)
-    c = defaults.base("beit", "image")
+    c = defaults.base("beit")
     c.global_batch_size = 2048  # appendix table: batch size 2048 (pre-training setup: "2k batch size")
     c.log_every = 100
     c.eval_every = 5000
@@ -68,7 +68,6 @@ def get_config(size: str = "base") -> ml_collections.ConfigDict:
     )
 
     c.data.update(
-        kind="image",
         dataset="imagenet2012",
         train_split="train",
         eval_split="validation",

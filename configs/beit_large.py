@@ -13,10 +13,12 @@ ViT-L/16: 24 layers, 1024 wide, 16 heads, FFN 4096; layer scale 1e-5 (appendix; 
 Appendix table: gradient clipping 3.0 for base and, as we read it, 1.0 for large — unverified here.
 """
 
+from pathlib import Path
+
 import ml_collections
 
 from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return defaults.from_file("beit_base", "large")
+    return defaults.from_file(Path(__file__).with_name("beit_base.py"), "large")

@@ -10,6 +10,7 @@ recipe below is ours (not from a paper): AdamW 1e-3, cosine, 100 epochs.
 """
 
 import math
+from pathlib import Path
 
 import ml_collections
 
@@ -17,8 +18,8 @@ from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    beit = defaults.from_file("beit_base")
-    c = defaults.base("vqvae", "image")
+    beit = defaults.from_file(Path(__file__).with_name("beit_base.py"))
+    c = defaults.base("vqvae")
     c.global_batch_size = 1024
     epochs = 100
     c.total_steps = math.ceil(epochs * 1_281_167 / c.global_batch_size)  # ImageNet-1k train images

@@ -59,7 +59,7 @@ SIZES = {
 
 def get_config(size: str = "base") -> ml_collections.ConfigDict:
     s = defaults.variant(SIZES, size)
-    c = defaults.base("bert", "text")
+    c = defaults.base("bert")
     c.total_steps = 1_000_000  # A.2: "1,000,000 steps ... approximately 40 epochs over the 3.3B word corpus"
     c.global_batch_size = 256  # A.2: "batch size of 256 sequences"
     c.log_every = 1000
@@ -77,7 +77,6 @@ def get_config(size: str = "base") -> ml_collections.ConfigDict:
         dict(until=1.0, data=dict(seq_length=512), masking=dict(max_predictions=80)),
     ]
     c.data.update(
-        kind="text",
         name="bert_books_wiki",
         layout="bert",  # [CLS] A [SEP] B [SEP] pairs with next-sentence labels (Sec. 3.1, Task #2)
         corpus="REQUIRED: --config.data.corpus=/path/to/bookcorpus_and_wikipedia",

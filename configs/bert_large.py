@@ -13,10 +13,12 @@ name the generation) 64 chips = 128 cores. Pure data parallel, 2 sequences per c
   maskjax train --config=configs/bert_large.py --workdir=DIR --config.data.corpus=/path/to/corpus
 """
 
+from pathlib import Path
+
 import ml_collections
 
 from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return defaults.from_file("bert_base", "large")
+    return defaults.from_file(Path(__file__).with_name("bert_base.py"), "large")

@@ -14,10 +14,12 @@ with FSDP over 8 cores and no rematerialisation. FSDP over 8 cores and saving on
   maskjax describe --config=configs/gpt2_large.py
 """
 
+from pathlib import Path
+
 import ml_collections
 
 from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return defaults.from_file("gpt2_small", "large")
+    return defaults.from_file(Path(__file__).with_name("gpt2_small.py"), "large")

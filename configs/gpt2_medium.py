@@ -14,10 +14,12 @@ Pure data parallel as gpt2_small, 2 sequences per core. Without rematerialisatio
   maskjax describe --config=configs/gpt2_medium.py
 """
 
+from pathlib import Path
+
 import ml_collections
 
 from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return defaults.from_file("gpt2_small", "medium")
+    return defaults.from_file(Path(__file__).with_name("gpt2_small.py"), "medium")

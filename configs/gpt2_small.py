@@ -56,7 +56,7 @@ SIZES = {
 
 def get_config(size: str = "small") -> ml_collections.ConfigDict:
     s = defaults.variant(SIZES, size)
-    c = defaults.base("gpt", "text")
+    c = defaults.base("gpt")
     c.total_steps = math.ceil(300e9 / TOKENS_PER_STEP)  # GPT-3 Sec. 2.2 / Table 2.1: 300B tokens
     c.global_batch_size = BATCH
     c.log_every = 1000
@@ -76,7 +76,6 @@ def get_config(size: str = "small") -> ml_collections.ConfigDict:
     c.mesh.fsdp = s.fsdp
 
     c.data.update(
-        kind="text",
         name="webtext_gpt",
         layout="gpt",  # whole documents packed into 1024-token rows, <|endoftext|> between them
         corpus="REQUIRED: --config.data.corpus=/path/to/webtext",

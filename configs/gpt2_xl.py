@@ -15,10 +15,12 @@ even at fsdp=16; at fsdp=8 saving only matmul outputs ("dots") peaks at 8.7 GiB,
   maskjax describe --config=configs/gpt2_xl.py
 """
 
+from pathlib import Path
+
 import ml_collections
 
 from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return defaults.from_file("gpt2_small", "xl")
+    return defaults.from_file(Path(__file__).with_name("gpt2_small.py"), "xl")

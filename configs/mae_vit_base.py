@@ -49,7 +49,7 @@ SIZES = {
 
 def get_config(size: str = "base") -> ml_collections.ConfigDict:
     s = defaults.variant(SIZES, size)
-    c = defaults.base("mae", "image")
+    c = defaults.base("mae")
     c.global_batch_size = 4096  # Table 8: batch size 4096
     c.log_every = 100
     c.eval_every = 5000
@@ -63,7 +63,6 @@ def get_config(size: str = "base") -> ml_collections.ConfigDict:
     c.mesh.fsdp = s.fsdp
 
     c.data.update(
-        kind="image",
         dataset="imagenet2012",
         train_split="train",
         eval_split="validation",

@@ -11,10 +11,12 @@ FSDP over 8 cores (batch still split over all 128) and saving only matmul output
   maskjax describe --config=configs/mae_vit_huge.py
 """
 
+from pathlib import Path
+
 import ml_collections
 
 from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return defaults.from_file("mae_vit_base", "huge")
+    return defaults.from_file(Path(__file__).with_name("mae_vit_base.py"), "huge")

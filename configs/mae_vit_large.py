@@ -11,10 +11,12 @@ peaks at 14.0 GiB of a v3 core's 15.5 usable; saving only matmul outputs ("dots"
   maskjax describe --config=configs/mae_vit_large.py
 """
 
+from pathlib import Path
+
 import ml_collections
 
 from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return defaults.from_file("mae_vit_base", "large")
+    return defaults.from_file(Path(__file__).with_name("mae_vit_base.py"), "large")

@@ -40,7 +40,7 @@ SIZES = {
 
 def get_config(size: str = "base") -> ml_collections.ConfigDict:
     s = defaults.variant(SIZES, size)
-    c = defaults.base("roberta", "text")
+    c = defaults.base("roberta")
     c.total_steps = 500_000  # Table 9: max steps 500K (Sec. 5: "pretrain for ... 500K steps")
     c.global_batch_size = 8192  # Table 9: batch size 8K sequences (Sec. 3.1 / 5)
     c.log_every = 1000
@@ -59,7 +59,6 @@ def get_config(size: str = "base") -> ml_collections.ConfigDict:
     )
 
     c.data.update(
-        kind="text",
         name="roberta_corpus",
         layout="roberta",  # FULL-SENTENCES packing across documents, no NSP (Sec. 4.2)
         corpus="REQUIRED: --config.data.corpus=/path/to/corpus",

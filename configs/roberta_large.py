@@ -12,10 +12,12 @@ and 8 sequences of 512 per GPU fit a 32 GB V100: roberta_base's hardware and pur
   maskjax train --config=configs/roberta_large.py --workdir=DIR --config.data.corpus=/path/to/corpus
 """
 
+from pathlib import Path
+
 import ml_collections
 
 from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return defaults.from_file("roberta_base", "large")
+    return defaults.from_file(Path(__file__).with_name("roberta_base.py"), "large")

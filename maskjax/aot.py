@@ -179,7 +179,7 @@ def compile_step(
         "mesh": dict(trainer.mesh.shape),
         "global_batch_size": config.global_batch_size,
         "grad_accum_steps": config.grad_accum_steps,
-        "params": models.param_count(trainer.family, cfg),
+        "params": models.param_count(trainer.model_name, cfg),
         "dtype": cfg.dtype,
         "scan_layers": cfg.scan_layers,
         "remat": cfg.remat,

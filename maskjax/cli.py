@@ -9,7 +9,6 @@ TPU stay hidden unless -v/--verbosity asks for them; maskjax's own lines are pla
 from __future__ import annotations
 
 import difflib
-import glob
 import importlib.util
 import json
 import logging
@@ -17,7 +16,6 @@ import os
 import sys
 import textwrap
 from collections.abc import Callable
-from pathlib import Path
 from typing import NamedTuple, NoReturn
 
 from absl import app, flags
@@ -102,7 +100,8 @@ def _benchmark_input() -> None:
     from maskjax.data import loaders, pipeline
 
     config = FLAGS.config
-    loaders.prepare(config)
+    trainer = train.Trainer(config)  # validates the config before any data is built
+    print(f"data: {loaders.prepare(config)}", flush=True)
     source, transform = loaders.source_and_transform(config, "train")
     host = pipeline.benchmark_input(
         source,
@@ -110,11 +109,10 @@ def _benchmark_input() -> None:
         config.global_batch_size,
         FLAGS.steps,
         seed=config.seed,
-        num_workers=config.data.get("num_workers", 0),
+        num_workers=config.data.num_workers,
     )
     from maskjax import aot
 
-    trainer = train.Trainer(config)
     consumed = train.benchmark_step(trainer, FLAGS.steps)
     rows = host["local_batch"]
     # MFU: model FLOPs per second per device over the matmul peak measured here, in the compute dtype.
@@ -191,6 +189,8 @@ def _import_hf() -> None:
     print(f"{imported.family}: wrote {path}")
     for name in imported.missing:
         print(f"  not in the checkpoint, freshly initialised: {name}")
+    for key, value in imported.masking.items():  # training settings: the user's config sets them
+        print(f"  the checkpoint was trained with masking.{key}={value!r}")
 
 
 def _export_hf_flags() -> None:
@@ -204,8 +204,12 @@ def _export_hf() -> None:
 
     if not FLAGS.workdir or not FLAGS.out:
         raise UsageError("export-hf needs --workdir=DIR and --out=DIR")
+    from etils import epath
+
     family, cfg, params = checkpoint.load_params(FLAGS.workdir, FLAGS.step)
-    out = interop.save_hf(family, cfg, params, FLAGS.out)
+    run_config = epath.Path(FLAGS.workdir) / "config.json"  # a training run's; an import has none
+    masking = json.loads(run_config.read_text()).get("masking") if run_config.exists() else None
+    out = interop.save_hf(family, cfg, params, FLAGS.out, masking=masking)
     print(f"{family}: wrote {out}")
 
 
@@ -432,24 +436,13 @@ def _verbosity_given(args: list[str]) -> bool:
 
 
 def _tpu_here() -> bool:
-    """Any sign of a TPU on this host (false positives only cost quiet: JAX then tries libtpu).
+    """TPU chips on this host (the check `maskjax.distributed` joins a pod by), or a TPU named in the
+    environment; false positives only cost quiet (JAX then tries libtpu)."""
+    from maskjax import distributed
 
-    TPU VMs expose /dev/accel* (v2-v4) or VFIO groups (v5e and later) and Google PCI devices;
-    gVNIC and persistent-disk NVMe are Google's too, so network and storage classes do not count.
-    """
-    if glob.glob("/dev/accel*") or [p for p in glob.glob("/dev/vfio/*") if not p.endswith("/vfio")]:
-        return True
     if any(os.environ.get(v) for v in ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "JAX_FORCE_TPU_INIT")):
         return True
-    for device in glob.glob("/sys/bus/pci/devices/*"):
-        try:
-            vendor = Path(device, "vendor").read_text().strip()
-            pci_class = Path(device, "class").read_text().strip()
-        except OSError:
-            continue
-        if vendor == "0x1ae0" and not pci_class.startswith(("0x01", "0x02")):
-            return True
-    return False
+    return distributed.on_tpu_host()
 
 
 def _pjrt_plugin_installed() -> bool:

@@ -20,7 +20,7 @@ import ml_collections
 from maskjax import methods, models, sharding
 from maskjax.errors import ConfigError
 
-__all__ = ["ConfigError", "phases", "rules", "validate", "model_config"]
+__all__ = ["ConfigError", "phases", "rules", "validate"]
 
 OPTIMIZERS = ("adamw", "lamb")
 DECAYS = ("linear", "cosine", "constant")
@@ -32,11 +32,10 @@ COUNTS = (
     "log_every",
     "eval_every",
     "checkpoint_every",
-    "keep_checkpoints",
     "eval_batches",
     "grad_accum_steps",
 )
-REQUIRED = ("family", "seed", *COUNTS, "mesh", "model", "optimizer", "schedule", "data")
+REQUIRED = ("family", "seed", *COUNTS, "keep_checkpoints", "mesh", "model", "optimizer", "schedule", "data")
 
 
 def _positive_int(config: Any, field: str) -> None:
@@ -56,6 +55,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Any:
     method = methods.get(family)
     for field in COUNTS:
         _positive_int(config, field)
+    if config.keep_checkpoints is not None:  # None: keep every checkpoint
+        _positive_int(config, "keep_checkpoints")
+    if config.data.get("kind") != method.data:
+        raise ConfigError(
+            f"data.kind must be {method.data!r} for family {family!r}; got {config.data.get('kind')!r}"
+        )
     accum = config.grad_accum_steps
 
     try:
@@ -87,10 +92,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Any:
         raise ConfigError(
             f"schedule.decay must be one of {list(DECAYS)}; got {config.schedule.get('decay')!r}"
         )
-    if not 0 <= config.schedule.get("warmup_steps", 0) <= config.total_steps:
+    if not 0 <= config.schedule.warmup_steps <= config.total_steps:
         raise ConfigError(
             f"schedule.warmup_steps must be in [0, total_steps={config.total_steps}]; "
-            f"got {config.schedule.get('warmup_steps')!r}"
+            f"got {config.schedule.warmup_steps!r}"
         )
 
     if config.model.get("remat", "none") not in REMAT:
@@ -102,11 +107,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Any:
     _check_model(config, model_cfg)
     _check_phases(config, model_cfg)
     return model_cfg
-
-
-def model_config(config: ml_collections.ConfigDict) -> Any:
-    """The model dataclass of a config already validated (no device count needed)."""
-    return models.make_config(methods.get(config.family).model, config.model.to_dict())
 
 
 def _apply_phase(config: ml_collections.ConfigDict, phase: Any) -> ml_collections.ConfigDict:

@@ -1,7 +1,7 @@
 """What every config starts from, and how one config file reuses another.
 
-    c = defaults.base("bert", "text")          # every default, declared once (a config then sets the rest)
-    c = defaults.from_file("gpt2_small", "medium")    # configs/gpt2_small.py's get_config("medium")
+    c = defaults.base("bert")                  # every default, declared once (a config then sets the rest)
+    c = defaults.from_file(Path(__file__).with_name("gpt2_small.py"), "medium")   # its get_config("medium")
 
 Configs are locked when `--config=FILE` loads them, so a key the file does not hold cannot be set on
 the command line. `base` therefore declares every key the code reads with a default (at that default):
@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
-import inspect
 import sys
 import types
 import typing
@@ -29,8 +28,6 @@ from ml_collections import config_dict
 from ml_collections.config_flags import config_flags as _config_flags
 from ml_collections.config_flags import config_path
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-DATA_KINDS = ("text", "image")
 T = TypeVar("T")
 
 
@@ -77,9 +74,9 @@ def model_defaults(model: str) -> dict[str, Any]:
     return out
 
 
-def base(family: str, data_kind: str) -> ml_collections.ConfigDict:
-    """A config of method `family` reading `data_kind` ("text" or "image") data, holding every
-    default the code assumes, at the value the code assumes.
+def base(family: str) -> ml_collections.ConfigDict:
+    """A config of method `family` holding every default the code assumes, at the value the code
+    assumes (data defaults for the kind of data the method reads, `Method.data`).
 
     Every file under configs/ starts here, then sets its own values (sections with `.update`, so the
     defaults it does not set stay declared). Not declared: what a config must state itself —
@@ -88,8 +85,8 @@ def base(family: str, data_kind: str) -> ml_collections.ConfigDict:
     """
     from maskjax import methods
 
-    if data_kind not in DATA_KINDS:
-        raise ValueError(f"data_kind must be one of {list(DATA_KINDS)}; got {data_kind!r}")
+    method = methods.get(family)
+    data_kind = method.data
     c = ml_collections.ConfigDict()
     c.family = family
     c.seed = 0
@@ -103,7 +100,10 @@ def base(family: str, data_kind: str) -> ml_collections.ConfigDict:
         num_workers=0,  # input-pipeline worker processes; 0: in the training process
     )
     if data_kind == "text":
-        data.update(corpus=config_dict.placeholder(str))  # None: the bundled demo corpus
+        data.update(
+            corpus=config_dict.placeholder(str),  # None: the bundled demo corpus
+            prepare_seed=0,  # the train/validation split and NSP pairing when prepared on first use
+        )
     else:  # image families (data/loaders.py's defaults)
         data.update(
             train_split="train",
@@ -115,39 +115,26 @@ def base(family: str, data_kind: str) -> ml_collections.ConfigDict:
             channels=config_dict.placeholder(int),  # None: as stored
         )
     c.data = data
-    c.model = model_defaults(methods.get(family).model)
+    c.model = model_defaults(method.model)
     c.optimizer = dict(
         grad_clip=config_dict.placeholder(float),  # None: no clipping
         no_decay=("bias", "scale"),  # parameter-name parts exempt from weight decay
+        layer_decay=1.0,  # layer-wise lr decay (BEiT / MAE fine-tuning); 1.0: none
+        layer_decay_embed=(),  # parameter-name parts scaled as the embedding layer (layer 0)
     )
     c.schedule = dict(warmup_steps=0, end_lr=0.0)
     return c
 
 
-def _caller_dir(depth: int) -> Path | None:
-    frame = inspect.currentframe()
-    for _ in range(depth + 1):
-        frame = frame.f_back if frame is not None else None
-    file = frame.f_globals.get("__file__") if frame is not None else None
-    return Path(file).resolve().parent if file else None
+def from_file(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the config file at `path`, as `--config=PATH:ARG` would load it.
 
-
-def from_file(path_or_name: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
-    """`get_config(arg)` of another config file, as `--config=FILE:ARG` would load it.
-
-    `path_or_name` may omit ".py" and may carry ":ARG"; relative to the calling file's folder first
-    (a sibling config), then to configs/, then to the working directory.
+    A size file names its base beside it: `from_file(Path(__file__).with_name("gpt2_small.py"), "xl")`.
     """
-    spec = str(path_or_name)
-    if arg is None and ":" in spec:
-        spec, arg = spec.split(":", 1)
-    path = Path(spec if spec.endswith(".py") else spec + ".py")
-    folders = [d for d in (_caller_dir(1), CONFIGS, Path.cwd()) if d is not None]
-    candidates = [path] if path.is_absolute() else [d / path for d in folders]
-    found = next((p for p in candidates if p.is_file()), None)
-    if found is None:
-        raise FileNotFoundError(f"no config file {path}; looked for {', '.join(map(str, candidates))}")
-    module_spec = importlib.util.spec_from_file_location(f"maskjax_config_{found.stem}", found)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"maskjax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config() if arg is None else module.get_config(arg)

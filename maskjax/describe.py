@@ -8,7 +8,7 @@
              MAE: decoder_layers, decoder_hidden; BEiT: codebook_size (the visual-token vocabulary)
   params     exact parameter count, from shapes alone (`jax.eval_shape`, nothing allocated)
   masking    strategy, ratio (share of tokens / patches masked), max_predictions (per example),
-             as the method says (`Method.masking`)
+             as the method says (`Method.describe_masking`)
   data       global_batch, seq_length (tokens per text example; patches per image), BERT's phase 2
   schedule   total_steps, epochs and warmup_epochs (where the paper counts epochs), warmup_steps,
              decay, end_lr
@@ -78,7 +78,7 @@ def _schedule(config: ml_collections.ConfigDict) -> dict[str, Any]:
         out["epochs"] = s.epochs
     if "warmup_epochs" in s:
         out["warmup_epochs"] = s.warmup_epochs
-    out.update(warmup_steps=s.get("warmup_steps", 0), decay=s.decay, end_lr=s.get("end_lr", 0.0))
+    out.update(warmup_steps=s.warmup_steps, decay=s.decay, end_lr=s.end_lr)
     return out
 
 
@@ -113,7 +113,7 @@ def describe(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         "family": config.family,
         "model": _model(model_cfg),
         "params": models.param_count(method.model, model_cfg),
-        "masking": method.masking(config, model_cfg),
+        "masking": method.describe_masking(config, model_cfg),
         "data": _data(config, model_cfg),
         "schedule": _schedule(config),
         "optimizer": _optimizer(config),

@@ -53,7 +53,7 @@ def _int_env(name: str, default: int | None = None) -> int | None:
         raise ValueError(f"{PREFIX}{name}={value!r} must be an integer") from None
 
 
-def _on_cloud_tpu_vm() -> bool:
+def on_tpu_host() -> bool:
     """TPU chips on this machine's PCI bus (JAX's own check; private, so guarded)."""
     try:
         from jax._src import hardware_utils
@@ -91,7 +91,7 @@ def maybe_initialize(detect_tpu: bool = False) -> bool:
             )
         jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
         return True
-    if explicit == "1" or (explicit is None and detect_tpu and _on_cloud_tpu_vm()):
+    if explicit == "1" or (explicit is None and detect_tpu and on_tpu_host()):
         jax.distributed.initialize(**timeouts)  # the cluster (TPU metadata, Slurm, MPI) says who is who
         return True
     return False

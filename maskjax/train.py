@@ -43,11 +43,11 @@ class Trainer:
         devices = list(jax.devices() if devices is None else devices)
         self.model_cfg = config_lib.validate(config, len(devices))
         self.method = methods.get(config.family)
-        self.family = self.method.model  # the architecture: what a checkpoint's model spec names
+        self.model_name = self.method.model  # the architecture: what a checkpoint's model spec names
         self.mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
         self.rules = config_lib.rules(config)
 
-        abstract_model = nnx.eval_shape(lambda: models.build(self.family, self.model_cfg, config.seed))
+        abstract_model = nnx.eval_shape(lambda: models.build(self.model_name, self.model_cfg, config.seed))
         self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
         param_sh = nnx.to_pure_dict(sharding.param_shardings(abstract_params, self.mesh, self.rules))
         abstract_params = nnx.to_pure_dict(abstract_params)
@@ -58,9 +58,9 @@ class Trainer:
         self.lr = optim.schedule(
             self.peak_lr,
             config.total_steps,
-            sched.get("warmup_steps", 0),
+            sched.warmup_steps,
             sched.decay,
-            sched.get("end_lr", 0.0),
+            sched.end_lr,
         )
         self.tx = optim.make_optimizer(opt, self.lr, abstract_params, getattr(self.model_cfg, "layers", 0))
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
@@ -100,7 +100,7 @@ class Trainer:
     # -- pure functions, traced under the sharding rules ------------------------------------
 
     def _init(self) -> dict:
-        model = models.build(self.family, self.model_cfg, self.config.seed)
+        model = models.build(self.model_name, self.model_cfg, self.config.seed)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {"params": params, "opt": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
@@ -281,14 +281,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
     schedule = config_lib.phases(config)
     for _, phase_config in schedule:  # every phase is checked before anything is built or read
         config_lib.validate(phase_config, len(devices) if devices is not None else jax.device_count())
-    for _, phase_config in schedule:
-        loaders.prepare(phase_config)
     trainers = [Trainer(c, devices) for _, c in schedule]
-    trainer = trainers[0]
-    extras = trainer.load_extras()  # frozen inputs are the same in every phase
+    extras = [t.load_extras() for t in trainers]  # frozen inputs first: a missing tokenizer fails fast
     # Model FLOPs of one step in each phase, from the method's own count: the throughput line's TFLOP/s.
     flops = [t.method.flops(t.config, t.model_cfg) for t in trainers]
-    spec = checkpoint.model_spec(trainer.family, trainer.model_cfg)
+    for where in dict.fromkeys(loaders.prepare(c) for _, c in schedule):  # phases share a folder
+        if jax.process_index() == 0:
+            print(f"data: {where}", flush=True)
+    trainer = trainers[0]
+    spec = checkpoint.model_spec(trainer.model_name, trainer.model_cfg)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
@@ -331,7 +332,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
                     eval_loader.close()
                     trainer, loader, eval_loader = enter_phase(phase)
                 batch = trainer.put_batch(next(loader))
-                state, metrics = trainer.train_step(state, batch, extras)
+                state, metrics = trainer.train_step(state, batch, extras[phase])
                 step += 1
                 if step % config.log_every == 0 or step == config.total_steps:
                     last = dict(jax.device_get(metrics))  # the one host sync, every log_every steps
@@ -352,7 +353,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
                         flush=True,
                     )
                 if step % config.eval_every == 0 or step == config.total_steps:
-                    ev = evaluate(trainer, state["params"], eval_loader, extras)
+                    ev = evaluate(trainer, state["params"], eval_loader, extras[phase])
                     writer.write(step, {"split": "eval", **{f"eval_{k}": v for k, v in ev.items()}}, "")
                     last.update({f"eval_{k}": v for k, v in ev.items()})
                 stop = preemption.check(step)

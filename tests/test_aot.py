@@ -16,7 +16,7 @@ import ml_collections
 import pytest
 from tiny_configs import ROOT, tiny
 
-from maskjax import aot, methods, models
+from maskjax import aot, defaults, methods, models
 from maskjax.config import ConfigError
 
 GIB = 2**30
@@ -45,10 +45,7 @@ def paper(name: str) -> ml_collections.ConfigDict:
     path = ROOT / "configs" / f"{name}.py"
     if not path.exists():
         pytest.skip(f"configs/{name}.py does not exist yet")
-    spec = importlib.util.spec_from_file_location(f"paper_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return defaults.from_file(path)
 
 
 def narrow(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

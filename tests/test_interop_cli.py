@@ -55,9 +55,12 @@ def test_import_then_export_bert_round_trips_through_transformers(tmp_path):
 
 def test_a_trained_mae_exports_to_transformers(tmp_path):
     config = tiny("mae", tmp_path / "data", total_steps=2, eval_every=2, checkpoint_every=2)
+    config.masking.update(ratio=0.5, norm_pix_loss=True)  # not transformers' defaults (0.75, False)
     train.train(config, tmp_path / "run")
     _cli("export-hf", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'hf'}")
     hf = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "hf").eval()
+    # The run's training settings travel with the weights: HF's loss is then the one trained.
+    assert (hf.config.mask_ratio, hf.config.norm_pix_loss) == (0.5, True)
 
     family, cfg, params = checkpoint.load_params(tmp_path / "run")
     model = nnx.merge(nnx.split(models.build(family, cfg))[0], params)

@@ -340,9 +340,7 @@ def _tiny_mae(**overrides) -> vit.MaeConfig:
 
 def test_jit_grad_finite_reaches_every_param_and_dropout(converted, inputs):
     cfg, params = converted
-    cfg = vit.MaeConfig(
-        **(vars(cfg) | dict(dropout=0.1, attention_dropout=0.1, drop_path=0.1))
-    )
+    cfg = vit.MaeConfig(**(vars(cfg) | dict(dropout=0.1, attention_dropout=0.1, drop_path=0.1)))
     graphdef, state = nnx.split(_build(vit.Mae, cfg, params))
     images, noise = jnp.asarray(inputs[0]), jnp.asarray(inputs[1])
     ids_keep, mask, ids_restore = masking.mae_mask_from_noise(noise, 0.75)

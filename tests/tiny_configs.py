@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
+
+from maskjax import defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("mae", "bert", "roberta", "gpt", "vqvae", "beit")
 
 
 def demo(family: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(
-        f"demo_{family}", ROOT / "configs" / "demo" / f"{family}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return defaults.from_file(ROOT / "configs" / "demo" / f"{family}.py")
 
 
 def tiny(family: str, data_dir: Path, /, **overrides) -> ml_collections.ConfigDict:

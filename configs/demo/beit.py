@@ -13,7 +13,7 @@ from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = defaults.base("beit", "image")
+    c = defaults.base("beit")
     c.total_steps = 600
     c.global_batch_size = 128
     c.log_every = 50
@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batches = 2
     c.checkpoint_every = 200
     c.keep_checkpoints = 2
-    c.data.update(kind="image", dataset="digits", image_size=8, scale=(0.6, 1.0), flip=False, crop_pct=1.0)
+    c.data.update(dataset="digits", image_size=8, scale=(0.6, 1.0), flip=False, crop_pct=1.0)
     # 40% of a 4×4 patch grid in blocks of >= 2 patches (BEiT: 75 of 196 in blocks of >= 16).
     c.masking = dict(tokenizer_workdir="/tmp/vqvae-demo", num_masked=6, min_block=2)
     c.model.update(

@@ -13,7 +13,7 @@ from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = defaults.base("bert", "text")
+    c = defaults.base("bert")
     c.total_steps = 1000
     c.global_batch_size = 32
     c.log_every = 50
@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
 
     # A trained WordPiece vocabulary: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4.
-    c.data.update(kind="text", name="wikipedia_bert128", layout="bert", seq_length=128, vocab_size=8192)
+    c.data.update(name="wikipedia_bert128", layout="bert", seq_length=128, vocab_size=8192)
     c.masking = dict(
         strategy="whole_word",
         mask_prob=0.15,  # BERT Sec. 3.1

@@ -9,7 +9,7 @@ from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = defaults.base("gpt", "text")
+    c = defaults.base("gpt")
     c.total_steps = 1000
     c.global_batch_size = 32
     c.log_every = 50
@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 250
     c.keep_checkpoints = 2
 
-    c.data.update(kind="text", name="wikipedia_gpt128", layout="gpt", seq_length=128, vocab_size=8192)
+    c.data.update(name="wikipedia_gpt128", layout="gpt", seq_length=128, vocab_size=8192)
     c.model.update(vocab_size=8192, max_length=128, hidden=128, layers=2, heads=2, mlp_dim=512, dropout=0.1)
     c.optimizer.update(
         name="adamw",

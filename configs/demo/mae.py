@@ -13,7 +13,7 @@ from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = defaults.base("mae", "image")
+    c = defaults.base("mae")
     c.total_steps = 1500
     c.global_batch_size = 128
     c.log_every = 100
@@ -23,7 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
 
     c.data.update(
-        kind="image",
         dataset="digits",  # 1,797 8×8 handwritten digits bundled with scikit-learn
         train_split="train",
         eval_split="validation",

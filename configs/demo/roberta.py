@@ -9,7 +9,7 @@ from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = defaults.base("roberta", "text")
+    c = defaults.base("roberta")
     c.total_steps = 1000
     c.global_batch_size = 32
     c.log_every = 50
@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
 
     # A trained byte-level BPE with RoBERTa's specials: <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4.
-    c.data.update(kind="text", name="wikipedia_roberta128", layout="roberta", seq_length=128, vocab_size=8192)
+    c.data.update(name="wikipedia_roberta128", layout="roberta", seq_length=128, vocab_size=8192)
     c.masking = dict(
         strategy="roberta",
         mask_prob=0.15,  # RoBERTa Sec. 2.1 / 4.1

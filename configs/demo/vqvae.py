@@ -11,7 +11,7 @@ from maskjax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = defaults.base("vqvae", "image")
+    c = defaults.base("vqvae")
     c.total_steps = 600
     c.global_batch_size = 128
     c.log_every = 50
@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batches = 2
     c.checkpoint_every = 200
     c.keep_checkpoints = 2
-    c.data.update(kind="image", dataset="digits", image_size=8, scale=(0.6, 1.0), flip=False, crop_pct=1.0)
+    c.data.update(dataset="digits", image_size=8, scale=(0.6, 1.0), flip=False, crop_pct=1.0)
     c.model.update(
         image_size=8,
         patch_size=2,

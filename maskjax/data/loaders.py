@@ -32,7 +32,7 @@ to_global = pipeline.to_global
 
 def data_dir(data: ml_collections.ConfigDict) -> Path:
     default = os.environ.get("MASKJAX_DATA_DIR", str(Path.home() / ".cache" / "maskjax"))
-    return Path(data.get("data_dir") or default)
+    return Path(data.data_dir or default)
 
 
 _PREPARED: set[str] = set()  # datasets this process has seen prepared by all: no second barrier
@@ -77,7 +77,7 @@ def _text_dir(data: ml_collections.ConfigDict) -> Path:
     def prepare() -> None:
         if (out / "prepare.json").exists():
             return
-        corpus = data.get("corpus") or str(text_datasets.demo_corpus(data_dir(data) / "corpora" / data.name))
+        corpus = data.corpus or str(text_datasets.demo_corpus(data_dir(data) / "corpora" / data.name))
         lengths = list(data.get("prepare_lengths") or [data.seq_length])
         text_datasets.prepare_text(
             corpus,
@@ -85,7 +85,7 @@ def _text_dir(data: ml_collections.ConfigDict) -> Path:
             layout=data.layout,
             max_length=lengths if len(lengths) > 1 else lengths[0],
             vocab_size=data.get("vocab_size"),
-            seed=data.get("prepare_seed", 0),
+            seed=data.prepare_seed,
         )
 
     _once(str(out), prepare)
@@ -95,20 +95,18 @@ def _text_dir(data: ml_collections.ConfigDict) -> Path:
 def prepare(config: ml_collections.ConfigDict) -> Path:
     """Build the config's dataset if it is not there yet (process 0; the others wait) and check it.
 
-    Returns the dataset's folder. A text config's vocabulary size and masking ids must be those
-    of the prepared tokenizer (a mismatch is a ConfigError naming the field).
+    Returns the dataset's folder (the caller says where the data is). A text config's vocabulary
+    size and masking ids must be those of the prepared tokenizer (a mismatch is a ConfigError).
     """
     data = config.data
     if data.kind == "image":
-        _image_source(data, data.get("train_split", "train"))
+        _image_source(data, data.train_split)
         where = data_dir(data) / data.dataset
     elif data.kind == "text":
         where = _text_dir(data)
         check_tokenizer(config)
     else:
         raise ValueError(f"data.kind must be one of image, text; got {data.kind!r}")
-    if jax.process_index() == 0:
-        print(f"data: {data.get('dataset') or data.get('name')} at {where}", flush=True)
     return where
 
 
@@ -116,7 +114,7 @@ def source_and_transform(config: ml_collections.ConfigDict, split: str) -> tuple
     """The tfds data source of `split` ("train" or "eval") and its per-example transform."""
     data = config.data
     train = split == "train"
-    split_name = data.get("train_split", "train") if train else data.get("eval_split", "validation")
+    split_name = data.train_split if train else data.eval_split
     if data.kind == "image":
         source, mean, std = _image_source(data, split_name)
         if train:
@@ -124,18 +122,18 @@ def source_and_transform(config: ml_collections.ConfigDict, split: str) -> tuple
                 data.image_size,
                 mean,
                 std,
-                scale=tuple(data.get("scale", (0.2, 1.0))),
-                ratio=tuple(data.get("ratio", (3 / 4, 4 / 3))),
-                flip=data.get("flip", True),
-                channels=data.get("channels"),
+                scale=tuple(data.scale),
+                ratio=tuple(data.ratio),
+                flip=data.flip,
+                channels=data.channels,
             )
         else:
             transform = images.eval_transform(
                 data.image_size,
                 mean,
                 std,
-                crop_pct=data.get("crop_pct", 0.875),
-                channels=data.get("channels"),
+                crop_pct=data.crop_pct,
+                channels=data.channels,
             )
         return source, transform
     if data.kind == "text":
@@ -165,7 +163,7 @@ def make(
         process_index=process_index,
         process_count=process_count,
         start_step=start_step,
-        num_workers=config.data.get("num_workers", 0),
+        num_workers=config.data.num_workers,
         shuffle=split == "train",
     )
 

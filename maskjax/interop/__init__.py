@@ -4,8 +4,12 @@ One module per family holds the name mapping (bert.py also covers RoBERTa), name
 family's line in `maskjax.models.FAMILIES`, and says which transformers architectures
 (`HF_ARCHITECTURES`) and model types (`HF_MODEL_TYPES`) it reads. This file only dispatches:
 
-  load_hf(dir_or_torch_model) -> Imported(family, config, params, missing)
-  save_hf(family, config, params, out_dir)                  config.json + model.safetensors
+  load_hf(dir_or_torch_model) -> Imported(family, config, params, missing, masking)
+  save_hf(family, config, params, out_dir, masking=None)   config.json + model.safetensors
+
+Where transformers' config also holds training settings (ViTMAE's mask_ratio, norm_pix_loss), the
+module maps them to `config.masking` fields (`HF_MASKING`): exported from the run's config,
+returned on import for the user's config.
 
 Weights are read and written with safetensors' numpy API, so converting needs
 no PyTorch; transformers is needed for its config classes (`maskjax[hf]`).
@@ -34,6 +38,7 @@ class Imported(NamedTuple):
     config: Any
     params: dict  # pure dict of numpy arrays, as nnx.to_pure_dict
     missing: list[str]  # parameter paths the checkpoint lacked (freshly initialised)
+    masking: dict  # training settings the checkpoint's config states, as config.masking fields
 
 
 def _transformers():
@@ -106,11 +111,15 @@ def load_hf(source: str | Path | Any, *, seed: int = 0) -> Imported:
     converted = module.params_from_hf(state, cfg)
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(models.build(family, cfg, seed), nnx.Param)))
     missing = _merge(params, converted)
-    return Imported(family, cfg, params, missing)
+    masking = {ours: getattr(hf_config, theirs) for ours, theirs in getattr(module, "HF_MASKING", {}).items()}
+    return Imported(family, cfg, params, missing, masking)
 
 
-def save_hf(family: str, cfg: Any, params: Mapping, out_dir: str | Path) -> Path:
-    """Write a directory that transformers' `from_pretrained` loads."""
+def save_hf(
+    family: str, cfg: Any, params: Mapping, out_dir: str | Path, masking: Mapping | None = None
+) -> Path:
+    """Write a directory that transformers' `from_pretrained` loads; `masking` is the run's
+    config.masking, for the training settings transformers' config holds (else its defaults)."""
     from safetensors.numpy import save_file
 
     entry = models.FAMILIES.get(family)
@@ -120,7 +129,11 @@ def save_hf(family: str, cfg: Any, params: Mapping, out_dir: str | Path) -> Path
     module = importlib.import_module(entry.interop)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    module.hf_config(cfg).save_pretrained(out)
+    hf_config = module.hf_config(cfg)
+    for ours, theirs in getattr(module, "HF_MASKING", {}).items():
+        if masking and ours in masking:
+            setattr(hf_config, theirs, masking[ours])
+    hf_config.save_pretrained(out)
     tensors = {
         k: np.ascontiguousarray(v, dtype=np.float32) for k, v in module.params_to_hf(params, cfg).items()
     }

@@ -31,7 +31,6 @@ from maskjax.models.beit import BeitConfig
 # transformers' model_type -> the maskjax model family it converts to
 HF_MODEL_TYPES: dict[str, str] = {"beit": "beit"}
 HF_ARCHITECTURES: tuple[str, ...] = ("BeitForMaskedImageModeling",)
-FAMILIES: tuple[str, ...] = ("beit",)
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 _TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}

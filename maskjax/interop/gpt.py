@@ -22,7 +22,6 @@ from maskjax.models.gpt import GptConfig
 # transformers' model_type -> the maskjax model family it converts to
 HF_MODEL_TYPES: dict[str, str] = {"gpt2": "gpt"}
 HF_ARCHITECTURES: tuple[str, ...] = ("GPT2LMHeadModel", "GPT2Model")
-FAMILIES: tuple[str, ...] = ("gpt",)
 
 # transformers' activation_function <-> maskjax activation.
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}

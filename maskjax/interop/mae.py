@@ -33,7 +33,8 @@ from maskjax.models.vit import MaeConfig, decoder_config, sincos_pos_embed_2d
 # transformers' model_type -> the maskjax model family it converts to
 HF_MODEL_TYPES: dict[str, str] = {"vit_mae": "mae"}
 HF_ARCHITECTURES: tuple[str, ...] = ("ViTMAEForPreTraining",)
-FAMILIES: tuple[str, ...] = ("mae",)
+# Training settings ViTMAEConfig carries beside the architecture: config.masking field -> its field.
+HF_MASKING: dict[str, str] = {"ratio": "mask_ratio", "norm_pix_loss": "norm_pix_loss"}
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 _TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
@@ -98,7 +99,7 @@ def config_from_hf(hf_config) -> MaeConfig:
         decoder_layers=hf_config.decoder_num_hidden_layers,
         decoder_heads=hf_config.decoder_num_attention_heads,
         decoder_mlp_dim=hf_config.decoder_intermediate_size,
-    )  # mask_ratio and norm_pix_loss are training settings: a maskjax config's `masking` section
+    )  # mask_ratio and norm_pix_loss are training settings (HF_MASKING): a config's `masking` section
 
 
 def hf_config(cfg: MaeConfig):

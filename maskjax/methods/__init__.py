@@ -11,7 +11,8 @@ through these fields; nothing outside a method module switches on its name.
   flops(config, model_cfg) -> int
       analytic model FLOPs of one train step (forward + backward, attention included); the numerator
       of MFU and of the throughput line. The formula is in each method's docstring.
-  masking(config, model_cfg) -> {"strategy", "ratio", "max_predictions"}
+  data                                         "text" or "image": the loaders and defaults it reads
+  describe_masking(config, model_cfg) -> {"strategy", "ratio", "max_predictions"}
       what `describe` prints beside the paper's table
   validate(config, model_cfg) -> None          optional: method-specific checks, raising ConfigError
   extras(config) / extras_spec(config)         optional, both or neither: frozen inputs of the loss
@@ -45,16 +46,20 @@ REGISTRY: dict[str, str] = {
 }
 
 
+DATA_KINDS = ("text", "image")  # maskjax.data.loaders reads either
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     """One training objective; see the module docstring for each field's contract."""
 
     name: str
     model: str
+    data: str
     loss: Callable[..., tuple[jax.Array, dict]]
     batch_spec: Callable[[Any, Any], dict[str, jax.ShapeDtypeStruct]]
     flops: Callable[[Any, Any], int]
-    masking: Callable[[Any, Any], dict[str, Any]]
+    describe_masking: Callable[[Any, Any], dict[str, Any]]
     validate: Callable[[Any, Any], None] | None = None
     extras: Callable[[Any], Any] | None = None
     extras_spec: Callable[[Any], Any] | None = None
@@ -62,7 +67,7 @@ class Method:
 
 
 # Positional parameters each callable must accept (the loss's `train` and `extras` are keywords).
-_ARITY = {"batch_spec": 2, "flops": 2, "masking": 2, "validate": 2, "extras": 1, "extras_spec": 1}
+_ARITY = {"batch_spec": 2, "flops": 2, "describe_masking": 2, "validate": 2, "extras": 1, "extras_spec": 1}
 
 
 def check(method: Method) -> Method:
@@ -72,6 +77,8 @@ def check(method: Method) -> Method:
     where = f"method {method.name!r}"
     if method.model not in models.FAMILIES:
         raise TypeError(f"{where}: model must be one of {sorted(models.FAMILIES)}; got {method.model!r}")
+    if method.data not in DATA_KINDS:
+        raise TypeError(f"{where}: data must be one of {list(DATA_KINDS)}; got {method.data!r}")
     loss_params = inspect.signature(method.loss).parameters
     if list(loss_params)[:4] != ["model", "batch", "key", "config"] or not {"train", "extras"} <= set(
         loss_params
@@ -126,5 +133,5 @@ def stack_flops(d: int, f: int, layers: int, tokens: int) -> int:
 
 
 def no_masking(config: Any, model_cfg: Any) -> dict[str, Any]:
-    """`masking` of a method that masks nothing (next-token prediction, a tokenizer, a task head)."""
+    """`describe_masking` of a method that masks nothing (next-token prediction, a tokenizer, a task head)."""
     return {"strategy": None, "ratio": None, "max_predictions": None}

@@ -99,7 +99,7 @@ def loss(
     codes = jax.lax.stop_gradient(nnx.merge(graphdef, extras["tokenizer"]).encode(images))  # (B, N)
     k_mask, k_drop = jax.random.split(key)
     mask = masking.beit_block_mask(
-        k_mask, images.shape[0], cfg.grid, num_masked=m.num_masked, min_block=m.get("min_block", 16)
+        k_mask, images.shape[0], cfg.grid, num_masked=m.num_masked, min_block=m.min_block
     )
     positions = masked_positions(mask, m.num_masked)
     out = model(images, mask, masked_positions=positions, dropout_key=k_drop if train else None)
@@ -140,6 +140,10 @@ def validate(config: Any, model_cfg: beit.BeitConfig) -> None:
     count = m.get("num_masked")
     if not isinstance(count, int) or not 0 < count < n:
         raise ConfigError(f"masking.num_masked must be an integer in (0, {n} patches); got {count!r}")
+    if not isinstance(m.get("min_block"), int) or not 1 <= m.min_block <= count:
+        raise ConfigError(
+            f"masking.min_block must be an integer in [1, num_masked={count}]; got {m.get('min_block')!r}"
+        )
     if m.get("tokenizer") is None and not m.get("tokenizer_workdir"):
         raise ConfigError(
             "masking.tokenizer_workdir (a trained vqvae workdir) or masking.tokenizer must be set"
@@ -149,10 +153,11 @@ def validate(config: Any, model_cfg: beit.BeitConfig) -> None:
 BEIT = Method(
     name="beit",
     model="beit",
+    data="image",
     loss=loss,
     batch_spec=batch_spec,
     flops=flops,
-    masking=describe_masking,
+    describe_masking=describe_masking,
     validate=validate,
     extras=extras,
     extras_spec=extras_spec,

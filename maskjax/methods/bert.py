@@ -103,7 +103,7 @@ def batch_spec(config: Any, model_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
     vec = lambda dtype: jax.ShapeDtypeStruct((b, t), dtype)
     spec = {"input_ids": vec(jnp.int32), "attention_mask": vec(jnp.int32), "word_starts": vec(jnp.bool_)}
     spec["special_tokens_mask"] = vec(jnp.bool_)
-    if config.data.get("layout", config.family) == "bert":
+    if config.data.layout == "bert":
         spec["token_type_ids"] = vec(jnp.int32)
         spec["next_sentence_label"] = jax.ShapeDtypeStruct((b,), jnp.int32)
     return spec
@@ -149,10 +149,11 @@ def validate(config: Any, model_cfg: bert.BertConfig) -> None:
 BERT = Method(
     name="bert",
     model="bert",
+    data="text",
     loss=loss,
     batch_spec=batch_spec,
     flops=flops,
-    masking=describe_masking,
+    describe_masking=describe_masking,
     validate=validate,
     evaluators=("mlm_unigram_baseline",),
 )

@@ -56,4 +56,12 @@ def describe_masking(config: Any, model_cfg: gpt.GptConfig) -> dict[str, Any]:
     return {"strategy": "causal", "ratio": None, "max_predictions": None}  # no masking: the next token
 
 
-GPT = Method(name="gpt", model="gpt", loss=loss, batch_spec=batch_spec, flops=flops, masking=describe_masking)
+GPT = Method(
+    name="gpt",
+    model="gpt",
+    data="text",
+    loss=loss,
+    batch_spec=batch_spec,
+    flops=flops,
+    describe_masking=describe_masking,
+)

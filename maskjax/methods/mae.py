@@ -77,10 +77,11 @@ def validate(config: Any, model_cfg: vit.MaeConfig) -> None:
 MAE = Method(
     name="mae",
     model="mae",
+    data="image",
     loss=loss,
     batch_spec=batch_spec,
     flops=flops,
-    masking=describe_masking,
+    describe_masking=describe_masking,
     validate=validate,
     evaluators=("mae_reconstruction",),
 )

@@ -46,4 +46,12 @@ def vq_forward_flops(c: beit.VqConfig) -> int:
     return encoder + 2 * n * c.codebook_size * c.code_dim
 
 
-VQVAE = Method(name="vqvae", model="vqvae", loss=loss, batch_spec=batch_spec, flops=flops, masking=no_masking)
+VQVAE = Method(
+    name="vqvae",
+    model="vqvae",
+    data="image",
+    loss=loss,
+    batch_spec=batch_spec,
+    flops=flops,
+    describe_masking=no_masking,
+)
