@@ -90,3 +90,34 @@ def test_import_of_a_missing_directory_is_one_line(tmp_path):
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "nope" in result.stderr
+
+
+def test_an_mae_checkpoint_from_before_the_masking_move_still_loads_and_exports(tmp_path):
+    """Checkpoints written when mask_ratio and norm_pix_loss were model fields keep working."""
+    import orbax.checkpoint as ocp
+
+    cfg = models.make_config(
+        "mae",
+        dict(image_size=8, patch_size=2, channels=1, hidden=16, layers=1, heads=2, mlp_dim=32)
+        | dict(decoder_hidden=8, decoder_layers=1, decoder_heads=2, decoder_mlp_dim=16),
+    )
+    params = nnx.to_pure_dict(nnx.state(models.build("mae", cfg), nnx.Param))
+    old_spec = {
+        "family": "mae",
+        "config": models.config_to_dict(cfg) | {"mask_ratio": 0.6, "norm_pix_loss": True},
+    }
+    with checkpoint.manager(tmp_path / "old") as mngr:
+        mngr.save(
+            7,
+            args=ocp.args.Composite(params=ocp.args.StandardSave(params), model=ocp.args.JsonSave(old_spec)),
+        )
+        mngr.wait_until_finished()
+    family, loaded_cfg, loaded = checkpoint.load_params(tmp_path / "old")
+    assert (family, loaded_cfg) == ("mae", cfg)
+    np.testing.assert_array_equal(
+        np.asarray(loaded["decoder_pred"]["kernel"]), params["decoder_pred"]["kernel"]
+    )
+    with pytest.raises(ValueError, match="model.mask_ratio has moved: set masking.ratio"):
+        models.make_config("mae", old_spec["config"])
+    _cli("export-hf", f"--workdir={tmp_path / 'old'}", f"--out={tmp_path / 'hf'}")
+    assert transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "hf").config.hidden_size == 16

@@ -64,6 +64,20 @@ def test_every_family_trains_on_8_devices(family, mesh, data_dir, tmp_path):
         assert 0.0 <= steps[-1]["mlm_accuracy"] <= 1.0
     assert (tmp_path / "checkpoints" / "3").is_dir()
     assert list((tmp_path / "tensorboard").iterdir())
+    # The method's evaluators ran on the trained parameters and wrote their numbers.
+    expected = {
+        "mae": {"eval_reconstruction_loss", "mean_patch_baseline", "figure"},
+        "bert": {"eval_masked_token_accuracy", "unigram_baseline_accuracy"},
+        "roberta": {"eval_masked_token_accuracy", "unigram_baseline_accuracy"},
+    }.get(family)
+    if expected is None:
+        assert not (tmp_path / "report.json").exists()
+    else:
+        report = json.loads((tmp_path / "report.json").read_text())
+        assert set(report) == expected
+        assert all(math.isfinite(v) for k, v in report.items() if k != "figure")
+        if family == "mae":
+            assert Path(report["figure"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_parameters_are_sharded_by_logical_names(data_dir):
