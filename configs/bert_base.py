@@ -105,6 +105,9 @@ def get_config(size: str = "base") -> ml_collections.ConfigDict:
         weight_decay=0.01,  # A.2
         grad_clip=1.0,  # not in the paper: the released optimization.py clips the global norm at 1.0
         no_decay=("bias", "scale"),  # the release exempts LayerNorm and bias from weight decay
+        # not in the paper: the release's AdamWeightDecayOptimizer (optimization.py) uses Adam's moments
+        # without bias correction; optax's Adam corrects them (--config.optimizer.bias_correction=True).
+        bias_correction=False,
     )
     # A.2: "learning rate warmup over the first 10,000 steps, and linear decay of the learning rate" (to 0 in
     # the release, whose polynomial decay spans all steps; here it spans the steps after warmup).

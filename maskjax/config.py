@@ -86,6 +86,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Any:
                 raise ConfigError(f"{section}.{key} is missing from the config")
     if opt.get("name") not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name must be one of {list(OPTIMIZERS)}; got {opt.get('name')!r}")
+    if not isinstance(opt.get("bias_correction"), bool):
+        got = opt.get("bias_correction")
+        raise ConfigError(f"optimizer.bias_correction must be True or False; got {got!r}")
+    if not opt.bias_correction and opt.name != "adamw":
+        raise ConfigError("optimizer.bias_correction=False (BERT's release) needs optimizer.name=adamw")
     if not (opt.get("peak_lr") or opt.get("base_lr")):
         raise ConfigError("optimizer.peak_lr or optimizer.base_lr must be set (> 0)")
     if config.schedule.get("decay") not in DECAYS:

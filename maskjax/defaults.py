@@ -119,6 +119,7 @@ def base(family: str) -> ml_collections.ConfigDict:
     c.optimizer = dict(
         grad_clip=config_dict.placeholder(float),  # None: no clipping
         no_decay=("bias", "scale"),  # parameter-name parts exempt from weight decay
+        bias_correction=True,  # Adam's; False: BERT's release (optim.scale_by_adam_uncorrected)
         layer_decay=1.0,  # layer-wise lr decay (BEiT / MAE fine-tuning); 1.0: none
         layer_decay_embed=(),  # parameter-name parts scaled as the embedding layer (layer 0)
     )

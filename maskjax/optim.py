@@ -8,7 +8,9 @@ Weight decay skips the parameters a config names in `optimizer.no_decay`
 (substrings of a parameter's path, e.g. "bias", "scale" for LayerNorm,
 "cls_token"): each paper excluded a slightly different set, so the set is part
 of the paper's config. Layer-wise learning-rate decay (BEiT fine-tuning) scales
-the update of layer i of L by decay^(L + 1 − i).
+the update of layer i of L by decay^(L + 1 − i). `optimizer.bias_correction=False`
+is the Adam of BERT's release, whose moments are used without Adam's bias
+correction (`scale_by_adam_uncorrected`).
 """
 
 from __future__ import annotations
@@ -83,6 +85,30 @@ def _scale_by_tree(scales: Any) -> optax.GradientTransformation:
     )
 
 
+def scale_by_adam_uncorrected(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Adam's moment estimates without the bias correction, as BERT's released optimizer does
+    (google-research/bert `optimization.py`, AdamWeightDecayOptimizer):
+
+        m ← b1·m + (1 − b1)·g,   v ← b2·v + (1 − b2)·g²,   update = m / (√v + eps)
+
+    Early updates are therefore larger than Adam's, by (1 − b1^t) / √(1 − b2^t): 3.2× at t = 1 with
+    BERT's betas, 1.26× at t = 1,000; BERT's 10,000 warm-up steps keep them small. The state is
+    optax's ScaleByAdamState, so it shards and checkpoints like Adam's.
+    """
+
+    def init(params: Any) -> optax.ScaleByAdamState:
+        zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros())
+
+    def update(updates: Any, state: optax.ScaleByAdamState, params: Any = None) -> tuple:
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
+        out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
+        return out, optax.ScaleByAdamState(count=optax.safe_int32_increment(state.count), mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(
     opt: Mapping[str, Any], lr: optax.Schedule, params: Any, num_layers: int = 0
 ) -> optax.GradientTransformation:
@@ -90,7 +116,13 @@ def make_optimizer(
     mask = decay_mask(params, tuple(opt.get("no_decay", ("bias", "scale"))))
     common = dict(b1=opt["b1"], b2=opt["b2"], eps=opt["eps"], weight_decay=opt["weight_decay"], mask=mask)
     name = opt["name"]
-    if name == "adamw":
+    if name == "adamw" and not opt.get("bias_correction", True):
+        core = optax.chain(
+            scale_by_adam_uncorrected(opt["b1"], opt["b2"], opt["eps"]),
+            optax.add_decayed_weights(opt["weight_decay"], mask),
+            optax.scale_by_learning_rate(lr),
+        )
+    elif name == "adamw":
         core = optax.adamw(lr, **common)
     elif name == "lamb":
         core = optax.lamb(lr, **common)

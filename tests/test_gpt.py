@@ -9,6 +9,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from maskjax import masking
 from maskjax.interop import gpt as gpt_interop
 from maskjax.models import gpt
 
@@ -262,3 +263,25 @@ def test_clear_errors(hf_model, converted):
         gpt_interop.params_from_hf(state | {"lm_head.weight": state["lm_head.weight"] + 1}, cfg)
     with pytest.raises(ValueError, match="shape"):
         gpt_interop.params_from_hf(state, gpt.GptConfig(**{**cfg.__dict__, "mlp_dim": 40}))
+
+
+def test_every_next_token_of_the_stream_is_a_target_including_each_documents_first():
+    """GPT-2's objective over its stream (Radford et al. 2019, Sec. 2.3): within a window, the pair
+    (token t, token t+1) is trained for every t, across <|endoftext|> too; only padding is not."""
+    from maskjax.data import text
+
+    eos, pad = 0, 1
+    docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    rows = list(text.gpt_packed(docs, length=6, eos_id=eos, pad_id=pad))
+    ids = np.stack([r["input_ids"] for r in rows])
+    seg = np.stack([r["segment_ids"] for r in rows])
+    out = masking.causal_lm(jnp.asarray(ids), jnp.asarray(seg), valid=jnp.asarray(seg > 0))
+    stream = [t for d in docs for t in (*d, eos)]
+    trained = {
+        (int(ids[b, t]), int(out.targets[b, t]), b * 6 + t)
+        for b, t in zip(*np.nonzero(np.asarray(out.weights)), strict=True)
+    }
+    # The reference: consecutive stream tokens inside one window of 6.
+    expected = {(stream[i], stream[i + 1], i) for i in range(len(stream) - 1) if i % 6 != 5}
+    assert trained == expected
+    assert (eos, 8, 3) in trained  # <|endoftext|> of document 1 -> the first token of document 2

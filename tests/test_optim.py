@@ -107,3 +107,49 @@ def test_layerwise_decay_scales_each_layer():
 def test_unknown_optimizer_names_the_field():
     with pytest.raises(ValueError, match="optimizer.name"):
         optim.make_optimizer(dict(OPT, name="sgd"), optax.constant_schedule(1.0), _params())
+
+
+def _bert_release_adam(params, grads_per_step, lrs, *, b1, b2, eps, wd, decays):
+    """google-research/bert optimization.py, AdamWeightDecayOptimizer.apply_gradients, in numpy:
+    m, v are raw moving averages (no bias correction); decay is added to the update before the lr."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    for grads, lr in zip(grads_per_step, lrs, strict=True):
+        for k in p:
+            g = np.asarray(grads[k], np.float64)
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g * g
+            update = m[k] / (np.sqrt(v[k]) + eps)
+            if decays[k]:
+                update = update + wd * p[k]
+            p[k] = p[k] - lr * update
+    return p
+
+
+def test_adam_without_bias_correction_is_berts_release():
+    rng = np.random.default_rng(0)
+    params = {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "bias": jnp.zeros(3)}
+    grads = [
+        {k: jnp.asarray(rng.normal(size=x.shape), jnp.float32) for k, x in params.items()} for _ in range(5)
+    ]
+    lr = optim.schedule(1e-2, total_steps=5, warmup_steps=2, decay="linear")
+    opt = dict(OPT, eps=1e-6, weight_decay=0.01, no_decay=("bias",), bias_correction=False)
+    tx = optim.make_optimizer(opt, lr, params)
+    state, p = tx.init(params), params
+    for g in grads:
+        updates, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+    want = _bert_release_adam(
+        params, grads, [float(lr(s)) for s in range(5)], b1=0.9, b2=0.999, eps=1e-6, wd=0.01,
+        decays={"kernel": True, "bias": False},
+    )  # fmt: skip
+    for k in params:
+        np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=1e-5, atol=1e-7)
+    # The option matters: at step 1 the release's update is (1 - b1) / sqrt(1 - b2) = 3.16x Adam's.
+    constant = lambda _: 1e-2  # noqa: E731
+    corrected = optim.make_optimizer(dict(opt, bias_correction=True), constant, params)
+    bert = optim.make_optimizer(opt, constant, params)
+    u_corr, _ = corrected.update(grads[0], corrected.init(params), params)
+    u_bert, _ = bert.update(grads[0], bert.init(params), params)
+    np.testing.assert_allclose(np.asarray(u_bert["bias"] / u_corr["bias"]), 0.1 / np.sqrt(0.001), rtol=1e-3)

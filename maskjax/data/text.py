@@ -284,8 +284,9 @@ def gpt_packed(
 
     GPT-2 trains on contiguous windows of its token stream (Radford et al.
     2019, Sec. 2.3; "<|endoftext|>" ends each document). segment_ids number the
-    documents inside each window from 1 (0 = padding), so the model may keep
-    attention and loss within a document. Layout:
+    documents inside each window from 1 (0 = padding), so attention can stay
+    within a document while the loss covers every next token of the stream
+    (`masking.causal_lm`). Layout:
 
         input_ids     d1 d1 d1 <eos> d2 d2 <eos> d3 | d3 d3 <eos> <pad> <pad>
         segment_ids    1  1  1   1    2  2   2    3 |  1  1   1     0     0

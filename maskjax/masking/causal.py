@@ -54,14 +54,17 @@ def causal_lm(
 
     ids (B, T); segment_ids (B, T) document index of each token in a packed row (None = one
     document); padding from `valid` (B, T) bool or `pad_id`. targets[t] = ids[t+1] (the last
-    column gets pad_id or 0); weights[t] = 1 only where t and t+1 are real and in the same
-    document, so the last token of each document and padding predict nothing.
+    column gets pad_id or 0); weights[t] = 1 wherever t and t+1 are real tokens. That includes the
+    step from a document's closing <|endoftext|> to the next document's first token: GPT-2 trains
+    on one unbroken token stream (Radford et al. 2019, Sec. 2.3), so the model learns how a text
+    starts. Attention still stops at the document boundary (the <|endoftext|> sees its own
+    document), and only padding predicts nothing.
     """
     B, T = ids.shape
     v = _valid(ids, pad_id, valid)
     seg = jnp.zeros_like(ids) if segment_ids is None else segment_ids
     fill = jnp.full((B, 1), 0 if pad_id is None else pad_id, ids.dtype)
     targets = jnp.concatenate([ids[:, 1:], fill], axis=1)
-    nxt_ok = jnp.concatenate([v[:, 1:] & (seg[:, 1:] == seg[:, :-1]), jnp.zeros((B, 1), bool)], axis=1)
+    nxt_ok = jnp.concatenate([v[:, 1:], jnp.zeros((B, 1), bool)], axis=1)
     weights = (v & nxt_ok).astype(jnp.float32)
     return CausalLm(ids, targets, weights, causal_segment_mask(seg, v))
