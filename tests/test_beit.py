@@ -339,3 +339,37 @@ def test_vq_training_on_digits_reconstructs_with_many_codes(digits):
     mean_image_mse = float(np.mean(np.square(digits - digits.mean(0))))
     assert last["recon_loss"] < 0.5 * mean_image_mse < first["recon_loss"], (first, last, mean_image_mse)
     assert last["codes_used"] >= 4, last
+
+
+def test_initialisation_is_unilms_truncated_normal():
+    """unilm beit/modeling_pretrain.py initialises every Linear, the patch embedding, lm_head and the
+    cls/mask tokens with timm's trunc_normal_(std=0.02, a=-0.02, b=0.02) (torch's trunc_normal_): each
+    parameter must be a sample of that distribution (Kolmogorov-Smirnov against torch's own draws)."""
+    from scipy import stats
+
+    cfg = beit.BeitConfig(
+        hidden=64, layers=2, heads=4, mlp_dim=128, image_size=32, patch_size=4, codebook_size=512
+    )
+    model = beit.Beit(cfg, rngs=nnx.Rngs(0))
+    torch.manual_seed(0)
+    reference = torch.nn.init.trunc_normal_(torch.empty(200_000), std=0.02, a=-0.02, b=0.02).numpy()
+    first_layer = lambda k: np.asarray(k[...])[0]  # noqa: E731  (layer 1: fix_init_weight divides by sqrt(2))
+    draws = {
+        "patch_embed": np.asarray(model.patch_embed.kernel[...]),
+        "head": np.asarray(model.head.kernel[...]),
+        "tokens": np.concatenate([np.asarray(model.cls_token[...]), np.asarray(model.mask_token[...])]),
+        "qkv": np.concatenate(
+            [
+                np.asarray(getattr(model.stack.blocks.attn, n).kernel[...]).ravel()
+                for n in ("query", "key", "value")
+            ]
+        ),
+        "mlp_in": np.asarray(model.stack.blocks.mlp.wi.kernel[...]),
+        "attn_out_layer1": first_layer(model.stack.blocks.attn.out.kernel) * np.sqrt(2.0),
+    }
+    for name, values in draws.items():
+        values = values.ravel()
+        assert np.abs(values).max() <= 0.02 + 1e-7, name
+        assert stats.ks_2samp(values, reference).pvalue > 1e-3, name
+    assert np.std(reference) == pytest.approx(0.0108, abs=2e-4)  # not the 0.02 the name suggests
+    assert np.all(np.asarray(model.rel_pos_table[...]) == 0)  # RelativePositionBias starts at zeros

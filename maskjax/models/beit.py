@@ -57,6 +57,9 @@ class BeitConfig(layers.TransformerConfig):
     dropout: float = 0.0  # no dropout in pre-training (appendix)
     attention_dropout: float = 0.0
     layer_norm_eps: float = 1e-6  # BEiT's released code: LayerNorm(eps=1e-6)
+    # unilm beit/modeling_pretrain.py: trunc_normal_(std=0.02) with a=-std, b=std for every Linear, the
+    # patch embedding, lm_head and the cls/mask tokens (an effective std of 0.0108, not 0.02).
+    init: layers.Init = "truncated"
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -134,9 +137,11 @@ class Beit(nnx.Module):
 
     def __init__(self, cfg: BeitConfig, *, rngs: nnx.Rngs):
         d, p = cfg.hidden, cfg.patch_size
-        kw = dict(rngs=rngs, init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = dict(
+            rngs=rngs, init=cfg.init, init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype
+        )
         self.patch_embed = layers.Dense(p * p * cfg.channels, d, ("pixels", "embed"), **kw)
-        token = jax.nn.initializers.normal(cfg.init_std)
+        token = layers.initializer(cfg.init, cfg.init_std, 1, 1)
         self.cls_token = layers.param(rngs, token, (d,), ("embed",), cfg.param_dtype)
         self.mask_token = layers.param(rngs, token, (d,), ("embed",), cfg.param_dtype)
         h, w = cfg.grid

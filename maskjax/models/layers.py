@@ -27,7 +27,7 @@ from flax import nnx
 
 from maskjax.sharding import constrain
 
-Init = Literal["normal", "xavier", "zeros", "ones"]
+Init = Literal["normal", "truncated", "xavier", "zeros", "ones"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,7 +48,8 @@ class TransformerConfig:
     pre_ln: bool = False  # False: BERT's post-LN; True: GPT-2 / ViT pre-LN
     qkv_bias: tuple[bool, bool, bool] = (True, True, True)
     layer_scale: float | None = None  # BEiT's per-channel residual scale init value
-    init: Init = "normal"  # kernel init: normal(init_std) or xavier_uniform
+    # kernel init: normal(init_std); "truncated": normal(init_std) cut at ±init_std; xavier_uniform
+    init: Init = "normal"
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype; parameters stay `param_dtype`
     param_dtype: str = "float32"
@@ -60,9 +61,12 @@ class TransformerConfig:
         return self.hidden // self.heads
 
 
-def _initializer(kind: Init, std: float, n_in: int, n_out: int) -> Callable:
+def initializer(kind: Init, std: float, n_in: int, n_out: int) -> Callable:
+    """A kernel initialiser by name; n_in / n_out count the kernel's input and output axes (xavier)."""
     if kind == "normal":
         return jax.nn.initializers.normal(std)
+    if kind == "truncated":  # BEiT's trunc_normal_(std) cuts at ±std: an effective std of 0.54·std
+        return jax.nn.initializers.truncated_normal(std, lower=-1.0, upper=1.0)
     if kind == "xavier":
         fan_in, fan_out = tuple(range(n_in)), tuple(range(n_in, n_in + n_out))
         return jax.nn.initializers.xavier_uniform(in_axis=fan_in, out_axis=fan_out)
@@ -70,7 +74,7 @@ def _initializer(kind: Init, std: float, n_in: int, n_out: int) -> Callable:
         return jax.nn.initializers.zeros
     if kind == "ones":
         return jax.nn.initializers.ones
-    raise ValueError(f"init must be one of normal, xavier, zeros, ones; got {kind!r}")
+    raise ValueError(f"init must be one of normal, truncated, xavier, zeros, ones; got {kind!r}")
 
 
 def param(
@@ -111,7 +115,7 @@ class Dense(nnx.Module):
         param_dtype: str = "float32",
     ):
         in_shape, out_shape = _as_tuple(in_shape), _as_tuple(out_shape)
-        init_fn = _initializer(init, init_std, len(in_shape), len(out_shape))
+        init_fn = initializer(init, init_std, len(in_shape), len(out_shape))
         self.kernel = param(rngs, init_fn, in_shape + out_shape, names, param_dtype)
         self.bias = (
             param(rngs, jax.nn.initializers.zeros, out_shape, names[len(in_shape) :], param_dtype)
