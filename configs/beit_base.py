@@ -73,11 +73,13 @@ def get_config(size: str = "base") -> ml_collections.ConfigDict:
         eval_split="validation",
         image_size=224,  # appendix: input resolution 224 × 224
         channels=3,  # a few ImageNet JPEGs are greyscale or CMYK: always decode to RGB
-        # Appendix: RandomResizedCrop (and colour jitter 0.4, which the released pre-training transform
-        # does not apply and this pipeline does not have). The scale range is not in the paper: (0.08, 1)
-        # is the torchvision default the released transform keeps, as we read it — unverified.
+        # Appendix: RandomResizedCrop and colour jitter 0.4; the release (unilm beit/datasets.py,
+        # DataAugmentationForBEiT) applies ColorJitter(0.4, 0.4, 0.4) to the whole image, then
+        # RandomHorizontalFlip, then RandomResizedCropAndInterpolationWithTwoPic with its default scale
+        # (0.08, 1.0) (beit/transforms.py).
+        color_jitter=(0.4, 0.4, 0.4),
         scale=(0.08, 1.0),
-        flip=True,  # the released pre-training transform: RandomHorizontalFlip
+        flip=True,
         crop_pct=0.875,
     )
     c.masking = dict(

@@ -111,6 +111,7 @@ def base(family: str) -> ml_collections.ConfigDict:
             scale=(0.2, 1.0),  # RandomResizedCrop area range
             ratio=(3 / 4, 4 / 3),  # RandomResizedCrop aspect range
             flip=True,
+            color_jitter=(0.0, 0.0, 0.0),  # brightness, contrast, saturation strengths; 0: none
             crop_pct=0.875,  # evaluation: centre crop of a resize to image_size / crop_pct
             channels=config_dict.placeholder(int),  # None: as stored
         )

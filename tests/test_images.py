@@ -347,3 +347,56 @@ def test_fashion_mnist_builder_on_a_real_subset(tmp_path, no_network):
     mean, std = ids.normalization("fashion_mnist_local", tmp_path / "data")
     np.testing.assert_allclose(mean, [arrays["train"][0].mean() / 255], rtol=1e-9)
     np.testing.assert_allclose(std, [(arrays["train"][0] / 255).std()], rtol=1e-7)
+
+
+def _reference_jitter(img: np.ndarray, factors, order) -> np.ndarray:
+    """torchvision ColorJitter's three adjustments as their definitions, in float, from ImageEnhance's
+    documented blends: brightness with black, contrast with the mean grey level, saturation with the
+    greyscale image (ITU-R 601-2 luma, L = 0.299 R + 0.587 G + 0.114 B, rounded); a blend is cut to
+    an integer toward zero and clipped to [0, 255], as 8-bit blending does."""
+    x = img.astype(np.float64)
+
+    def grey(v):
+        return np.round(v @ np.array([0.299, 0.587, 0.114]))[..., None]
+
+    for i in order:
+        f = factors[i]
+        if i == 0:
+            base = np.zeros_like(x)
+        elif i == 1:
+            base = np.full_like(x, np.floor(grey(x).mean() + 0.5))
+        else:
+            base = grey(x)
+        x = np.clip(np.trunc(base + f * (x - base)), 0, 255)
+    return x
+
+
+def test_color_jitter_is_torchvisions_brightness_contrast_saturation():
+    photo = sklearn_datasets.load_sample_images().images[0][100:164, 200:280]  # a real 64x80 RGB crop
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        got = images.color_jitter(photo, rng, (0.4, 0.4, 0.4))
+        again = np.random.default_rng(seed)  # the same draws: three factors, then the order
+        factors = [again.uniform(0.6, 1.4) for _ in range(3)]
+        order = again.permutation(3)
+        want = _reference_jitter(photo, factors, order)
+        assert got.dtype == np.uint8 and got.shape == photo.shape
+        np.testing.assert_array_equal(got, want.astype(np.uint8), err_msg=f"{seed} {factors} {order}")
+        assert not np.array_equal(got, photo)
+    # Factors cover [1 - s, 1 + s] uniformly and every order of the three occurs.
+    rng = np.random.default_rng(0)
+    draws = [(rng.uniform(0.6, 1.4), tuple(rng.permutation(3))) for _ in range(600)]
+    assert {o for _, o in draws} == {tuple(p) for p in __import__("itertools").permutations(range(3))}
+
+
+def test_train_transform_jitters_before_the_crop():
+    """Contrast uses the whole image's mean: jittering after the crop would differ (BEiT jitters first)."""
+    photo = sklearn_datasets.load_sample_images().images[1]
+    record = {"image": np.asarray(Image.fromarray(photo).resize((96, 64)))}
+    t = images.train_transform(32, (0.5,) * 3, (0.5,) * 3, color_jitter_strengths=(0.4, 0.4, 0.4))
+    plain = images.train_transform(32, (0.5,) * 3, (0.5,) * 3)
+    a = t(record, np.random.default_rng(3))["image"]
+    b = plain(record, np.random.default_rng(3))["image"]
+    assert a.shape == b.shape == (32, 32, 3) and not np.allclose(a, b)
+    with pytest.raises(ValueError, match="three strengths"):
+        images.train_transform(32, (0.5,) * 3, (0.5,) * 3, color_jitter_strengths=(0.4, 0.4))

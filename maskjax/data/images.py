@@ -11,6 +11,10 @@ horizontal flip only; their code uses scale (0.2, 1.0), bicubic):
 Evaluation (MAE fine-tune / linear probe): resize the shorter side to size/crop_pct
 (224/0.875 = 256), center crop `size`, normalize.
 
+BEiT (unilm beit/datasets.py, DataAugmentationForBEiT) first applies ColorJitter(0.4, 0.4, 0.4)
+to the whole image (`color_jitter`), then flip and RandomResizedCrop; a flip before or after the
+crop gives the same distribution (the crop box is left-right symmetric), so one order serves both.
+
 RandomResizedCrop follows torchvision's algorithm (Szegedy et al. 2015's "Inception"
 crop): up to 10 tries of a box with area fraction ~ U(scale) and log aspect ratio
 ~ U(log ratio) that fits in the image, else a central crop clamped to the ratio range.
@@ -24,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from maskjax.data.pipeline import BadRecord, Transform
 
@@ -137,6 +141,29 @@ def random_resized_crop(
     return resize(img[top : top + h, left : left + w], size, interpolation)
 
 
+_ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+
+
+def color_jitter(img: np.ndarray, rng: np.random.Generator, strengths: Sequence[float]) -> np.ndarray:
+    """torchvision's ColorJitter(brightness, contrast, saturation) on uint8 (H, W, C), as its PIL path.
+
+    Each factor f ~ U[max(0, 1 − s), 1 + s] for strength s; the three adjustments run in a random
+    order (torchvision draws a permutation per image). Brightness blends with black (x·f),
+    contrast with the mean grey level, saturation with the image's greyscale (ITU-R 601 luma),
+    each by PIL's ImageEnhance, clipped to [0, 255]. A zero strength skips its adjustment.
+    """
+    factors = [rng.uniform(max(0.0, 1.0 - s), 1.0 + s) for s in strengths]
+    order = rng.permutation(len(_ENHANCERS))
+    if not any(strengths):
+        return img
+    pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+    for i in order:
+        if strengths[i]:
+            pil = _ENHANCERS[i](pil).enhance(factors[i])
+    out = np.asarray(pil)
+    return out[..., None] if out.ndim == 2 else out
+
+
 def horizontal_flip(img: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
     """Mirror left-right with probability p."""
     return img[:, ::-1] if rng.random() < p else img
@@ -191,11 +218,18 @@ def train_transform(
     scale: tuple[float, float] = (0.2, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip: bool = True,
+    color_jitter_strengths: Sequence[float] = (0.0, 0.0, 0.0),
     interpolation: str = "bicubic",
     channels: int | None = None,
     image_key: str = "image",
 ) -> Transform:
-    """record -> {"image": float32 (h, w, C), numeric fields}: decode, RandomResizedCrop, flip, normalize."""
+    """record -> {"image": float32 (h, w, C), numeric fields}: decode, colour jitter (brightness,
+    contrast, saturation strengths; zeros: none), RandomResizedCrop, flip, normalize."""
+    if len(color_jitter_strengths) != 3 or min(color_jitter_strengths) < 0:
+        raise ValueError(
+            "color_jitter needs three strengths >= 0 (brightness, contrast, saturation); "
+            f"got {color_jitter_strengths}"
+        )
     _hw(size)
     if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
         raise ValueError(
@@ -204,6 +238,8 @@ def train_transform(
 
     def transform(record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         img = decode(record[image_key], channels)
+        if any(color_jitter_strengths):  # on the whole image, before the crop, as BEiT's release
+            img = color_jitter(img, rng, color_jitter_strengths)
         img = random_resized_crop(img, rng, size, scale, ratio, interpolation)
         if flip:
             img = horizontal_flip(img, rng)

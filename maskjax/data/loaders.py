@@ -125,6 +125,7 @@ def source_and_transform(config: ml_collections.ConfigDict, split: str) -> tuple
                 scale=tuple(data.scale),
                 ratio=tuple(data.ratio),
                 flip=data.flip,
+                color_jitter_strengths=tuple(data.color_jitter),
                 channels=data.channels,
             )
         else:
