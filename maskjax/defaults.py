@@ -98,6 +98,8 @@ def base(family: str) -> ml_collections.ConfigDict:
         kind=data_kind,
         data_dir=config_dict.placeholder(str),  # None: $MASKJAX_DATA_DIR or ~/.cache/maskjax
         num_workers=0,  # input-pipeline worker processes; 0: in the training process
+        train_split="train",
+        eval_split="validation",
     )
     if data_kind == "text":
         data.update(
@@ -106,8 +108,6 @@ def base(family: str) -> ml_collections.ConfigDict:
         )
     else:  # image families (data/loaders.py's defaults)
         data.update(
-            train_split="train",
-            eval_split="validation",
             scale=(0.2, 1.0),  # RandomResizedCrop area range
             ratio=(3 / 4, 4 / 3),  # RandomResizedCrop aspect range
             flip=True,

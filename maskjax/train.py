@@ -104,9 +104,12 @@ class Trainer:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {"params": params, "opt": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    def _loss(self, params: dict, batch: dict, key: jax.Array, extras: Any) -> tuple[jax.Array, dict]:
+    def _loss(self, params: dict, batch: dict, key: jax.Array, extras: Any) -> tuple[jax.Array, tuple]:
+        """(loss, (metrics, terms)): the method's loss, its metrics, and its `loss_terms` if any."""
         model = nnx.merge(self.graphdef, params)
-        return self.method.loss(model, batch, key, self.config, train=True, extras=extras)
+        loss, metrics = self.method.loss(model, batch, key, self.config, train=True, extras=extras)
+        metrics = dict(metrics)
+        return loss, (metrics, metrics.pop("loss_terms", None))
 
     def _train_step(self, state: dict, batch: dict, extras: Any) -> tuple[dict, dict]:
         step = state["step"]
@@ -114,31 +117,64 @@ class Trainer:
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         accum = self.config.grad_accum_steps
         if accum == 1:
-            (_, metrics), grads = grad_fn(state["params"], batch, key, extras)
+            (_, (metrics, _)), grads = grad_fn(state["params"], batch, key, extras)
         else:
-            # Microbatch a takes rows a, a+accum, ...: each device keeps its share of every microbatch.
-            micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
-
-            def accumulate(carry, xs):
-                i, mb = xs
-                (_, m), g = grad_fn(state["params"], mb, jax.random.fold_in(key, i), extras)
-                return jax.tree.map(jnp.add, carry, (g, m)), None
-
-            first = jax.tree.map(lambda x: x[0], micro)
-            zeros = jax.eval_shape(lambda: grad_fn(state["params"], first, key, extras))
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
-            (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
-            grads, metrics = jax.tree.map(lambda x: x / accum, (grads, metrics))
+            grads, metrics = self._accumulate(state["params"], batch, key, extras, accum)
         updates, opt_state = self.tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = dict(metrics, learning_rate=self.lr(step), grad_norm=optax.tree.norm(grads))
         return {"params": params, "opt": opt_state, "step": step + 1}, metrics
 
+    def _accumulate(self, params: dict, batch: dict, key: jax.Array, extras: Any, accum: int) -> tuple:
+        """Gradient and metrics of the whole batch from `accum` microbatches, as one big batch gives.
+
+        A loss term that is a mean over a varying number of predictions (MLM's masked tokens, GPT's
+        real next tokens, a short BEiT mask) must weigh each microbatch by its count: the batch's
+        term is Σ_i mean_i·n_i / Σ_i n_i, not the mean of the means. Methods name such terms in
+        `loss_terms` {name: (mean, count)}; their totals Σ_i n_i come from a first pass that only
+        counts (its model outputs are unused, so XLA drops the model from it), then each
+        microbatch contributes Σ_k mean_k·n_k / total_k. Fixed-count losses weigh 1/accum.
+        """
+        # Microbatch a takes rows a, a+accum, ...: each device keeps its share of every microbatch.
+        micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+        index = jnp.arange(accum)
+
+        def counts(xs):
+            i, mb = xs
+            terms = self._loss(params, mb, jax.random.fold_in(key, i), extras)[1][1]
+            return {} if terms is None else {k: jnp.asarray(n, jnp.float32) for k, (_, n) in terms.items()}
+
+        totals = jax.tree.map(lambda n: n.sum(0), jax.lax.map(counts, (index, micro)))
+
+        def share(p, mb, k):
+            loss, (metrics, terms) = self._loss(p, mb, k, extras)
+            if not terms:
+                return loss / accum, metrics
+            return sum(
+                mean * n / jnp.maximum(totals[name], 1.0) for name, (mean, n) in terms.items()
+            ), metrics
+
+        grad_fn = jax.value_and_grad(share, has_aux=True)
+
+        def step(carry, xs):
+            i, mb = xs
+            (value, m), g = grad_fn(params, mb, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, carry, (g, value, m)), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        (_, zero_m), zero_g = jax.eval_shape(lambda: grad_fn(params, first, key))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zero_g, jnp.zeros(()), zero_m))
+        (grads, loss, metrics), _ = jax.lax.scan(step, zeros, (index, micro))
+        metrics = jax.tree.map(lambda x: x / accum, metrics)  # the other metrics: mean of the microbatches'
+        return grads, dict(metrics, loss=loss)  # the loss: the big batch's, exactly
+
     def _eval_step(self, params: dict, batch: dict, index: jax.Array, extras: Any) -> dict:
         # A fixed key per eval batch: the eval masks are the same at every evaluation.
         key = jax.random.fold_in(self.eval_key, index)
         model = nnx.merge(self.graphdef, params)
-        return self.method.loss(model, batch, key, self.config, train=False, extras=extras)[1]
+        metrics = dict(self.method.loss(model, batch, key, self.config, train=False, extras=extras)[1])
+        metrics.pop("loss_terms", None)
+        return metrics
 
     # -- host side ----------------------------------------------------------------------------
 

@@ -630,6 +630,61 @@ def test_beit_block_statistics_match_the_reference_loop():
     two_sample(acc.sum(1).astype(float), np.array([len(r[0]) for r in ref], float), "blocks per image")
 
 
+def _unilm_generator(rng: random.Random, H=14, W=14, n=75, min_block=16, lo=0.3):
+    """unilm beit/masking_generator.py MaskingGenerator.__call__ as released: up to 10 tries per
+    block, stop for good after 10 failures; random.uniform(16, m) also when m < 16. Returns the mask
+    (N,) and the number of blocks placed."""
+    mask = np.zeros((H, W), int)
+    count = blocks = 0
+    while count < n:
+        most = n - count
+        delta = 0
+        for _ in range(10):
+            s = rng.uniform(min_block, most)
+            r = math.exp(rng.uniform(math.log(lo), math.log(1 / lo)))
+            h, w = int(round(math.sqrt(s * r))), int(round(math.sqrt(s / r)))
+            if w < W and h < H:
+                t, left = rng.randint(0, H - h), rng.randint(0, W - w)
+                new = h * w - mask[t : t + h, left : left + w].sum()
+                if 0 < new <= most:
+                    mask[t : t + h, left : left + w] = 1
+                    delta = new
+            if delta > 0:
+                break
+        if delta == 0:
+            break
+        count += delta
+        blocks += 1
+    return mask.reshape(-1).astype(bool), blocks
+
+
+def test_beit_unilm_sampler_has_the_released_generators_law():
+    """The on-device sampler against the released Python loop: same law of the masked count (which
+    falls short of 75 in about a third of the images), of blocks per image, of connected components,
+    and of where patches are masked."""
+    from scipy import ndimage, stats
+
+    B = 2048
+    masks, blocks = jax.jit(lambda k: M.beit_unilm_blocks(k, B))(jax.random.key(5))
+    masks, blocks = np.asarray(masks), np.asarray(blocks)
+    rng = random.Random(0)
+    ref = [_unilm_generator(rng) for _ in range(B)]
+    ref_masks, ref_blocks = np.stack([r[0] for r in ref]), np.array([r[1] for r in ref])
+    assert masks.shape == (B, 196) and masks.sum(1).max() == 75
+    components = lambda ms: np.array([ndimage.label(m.reshape(14, 14))[1] for m in ms])  # noqa: E731
+    for ours, theirs, what in (
+        (masks.sum(1), ref_masks.sum(1), "masked count"),
+        (blocks, ref_blocks, "blocks per image"),
+        (components(masks), components(ref_masks), "4-connected components"),
+    ):
+        assert stats.ks_2samp(ours, theirs).pvalue > 1e-3, (what, ours.mean(), theirs.mean())
+    assert 0.5 < (masks.sum(1) == 75).mean() < 0.85  # short of the count in a real share of images
+    # Where: the per-patch masking rate, ~0.38 on average, agrees patch by patch within 5 sigma.
+    p, q = masks.mean(0), ref_masks.mean(0)
+    sigma = np.sqrt((p * (1 - p) + q * (1 - q)) / B)
+    assert np.all(np.abs(p - q) < 5 * sigma + 1e-9)
+
+
 # ---------------------------------------------------------------------------------------------
 # Simple strategies and gather
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -320,3 +321,113 @@ def test_building_a_trainer_reads_no_data_and_loads_no_checkpoint(family, tmp_pa
     if family == "beit":
         with pytest.raises(FileNotFoundError):
             trainer.load_extras()
+
+
+# ---------------------------------------------------------------------------- gradient accumulation
+
+
+def _rel(a, b) -> float:
+    """Largest relative difference over a pytree, against the larger norm of the two."""
+    a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+    num = math.sqrt(
+        sum(float(np.sum((np.asarray(x) - np.asarray(y)) ** 2)) for x, y in zip(a, b, strict=True))
+    )
+    den = math.sqrt(sum(float(np.sum(np.asarray(x) ** 2)) for x in a))
+    return num / max(den, 1e-30)
+
+
+def _accum_pair(family, data_dir, edit=None, **overrides):
+    from maskjax import sharding
+    from maskjax.data import loaders
+
+    c1 = tiny(family, data_dir, **{"model.dropout": 0.0, "model.attention_dropout": 0.0}, **overrides)
+    c4 = tiny(
+        family, data_dir, **{"model.dropout": 0.0, "model.attention_dropout": 0.0, "grad_accum_steps": 4}
+    )
+    one, four = train.Trainer(c1, jax.devices()[:1]), train.Trainer(c4, jax.devices()[:1])
+    loaders.prepare(c1)
+    host = next(loaders.make(c1, "train"))
+    batch = one.put_batch(edit(host) if edit else host)
+    return one, four, batch, sharding.use_rules(one.mesh, one.rules)
+
+
+def test_gpt_accumulating_4_microbatches_is_one_big_batch(data_dir):
+    """A corpus's last window is padded, so microbatches can hold different numbers of real next
+    tokens: the accumulated loss, gradient and update must be the big batch's (GPT needs no key)."""
+
+    def pad_some_rows(host):
+        host = dict(host)
+        seg = host["segment_ids"].copy()
+        seg[0, 10:] = 0  # rows 0 and 4 are microbatch 0's: padded tails, as a corpus's last window
+        seg[4, 25:] = 0
+        host["segment_ids"] = seg
+        return host
+
+    one, four, batch, rules = _accum_pair("gpt", data_dir, pad_some_rows)
+    with rules:
+        counts = np.asarray(batch["segment_ids"]).reshape(-1, 4, 32).swapaxes(0, 1)
+        assert len({int((c > 0).sum()) for c in counts}) > 1  # the microbatches' counts differ
+        s1, m1 = one.train_step(one.init(), batch, None)
+        s4, m4 = four.train_step(four.init(), batch, None)
+        params = one.init()["params"]
+        key = jax.random.fold_in(one.train_key, 0)
+        g1 = jax.jit(jax.grad(lambda p: one._loss(p, batch, key, None)[0]))(params)
+        g4, _ = jax.jit(lambda p: four._accumulate(p, batch, key, None, 4))(params)
+    assert abs(float(m4["loss"]) / float(m1["loss"]) - 1) < 1e-6
+    assert _rel(g4, g1) < 1e-6
+    update = lambda s: jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), s["params"], params)  # noqa: E731
+    assert _rel(update(s4), update(s1)) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_mlm_accumulating_4_microbatches_is_one_big_batch(family, data_dir):
+    """The reference is one forward pass over all 16 rows with the microbatches' own masks: masked-token
+    cross-entropy over every prediction of the batch (+ NSP over every row for BERT)."""
+    from flax import nnx
+
+    from maskjax import losses
+    from maskjax.methods import bert as bert_method
+
+    def shorten_a_row(host):  # a short sequence (BERT's short_seq_prob), padded: fewer predictions
+        host = {k: v.copy() for k, v in host.items()}
+        host["input_ids"][0, 12:] = four_cfg.masking.pad_id
+        host["attention_mask"][0, 12:] = 0
+        host["word_starts"][0, 12:] = False
+        return host
+
+    four_cfg = tiny(family, data_dir)
+    _, four, batch, rules = _accum_pair(family, data_dir, shorten_a_row)
+    key = jax.random.fold_in(four.train_key, 0)
+    cfg = four.model_cfg
+
+    def big_batch_loss(params):
+        rows = jax.tree.map(lambda x: x.reshape(-1, 4, *x.shape[1:]).swapaxes(0, 1), batch)
+        masks = [
+            bert_method.mask(
+                jax.random.split(jax.random.fold_in(key, i))[0],
+                jax.tree.map(lambda x, i=i: x[i], rows),
+                cfg.vocab_size,
+                four.config.masking,
+            )
+            for i in range(4)
+        ]
+        whole = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), rows)  # microbatch-major row order
+        inputs, positions, targets, weights = (jnp.concatenate(x) for x in zip(*masks, strict=True))
+        out = nnx.merge(four.graphdef, params)(
+            inputs,
+            token_type_ids=whole.get("token_type_ids"),
+            attention_mask=whole["attention_mask"],
+            masked_positions=positions,
+        )
+        loss = losses.masked_cross_entropy(out["mlm_logits"], targets, weights)
+        if cfg.nsp:
+            loss = loss + losses.nsp_loss(out["nsp_logits"], whole["next_sentence_label"])
+        return loss, weights.reshape(4, -1).sum(1)
+
+    with rules:
+        params = four.init()["params"]
+        (want, per_micro), g_want = jax.jit(jax.value_and_grad(big_batch_loss, has_aux=True))(params)
+        g4, m4 = jax.jit(lambda p: four._accumulate(p, batch, key, None, 4))(params)
+    assert len(set(np.asarray(per_micro).tolist())) > 1  # the microbatches mask different numbers of tokens
+    assert abs(float(m4["loss"]) / float(want) - 1) < 1e-6
+    assert _rel(g4, g_want) < 1e-6

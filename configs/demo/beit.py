@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.data.update(dataset="digits", image_size=8, scale=(0.6, 1.0), flip=False, crop_pct=1.0)
     # 40% of a 4×4 patch grid in blocks of >= 2 patches (BEiT: 75 of 196 in blocks of >= 16).
-    c.masking = dict(tokenizer_workdir="/tmp/vqvae-demo", num_masked=6, min_block=2)
+    c.masking = dict(tokenizer_workdir="/tmp/vqvae-demo", num_masked=6, min_block=2, sampler="unilm")
     c.model.update(
         image_size=8,
         patch_size=2,

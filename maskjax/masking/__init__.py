@@ -10,7 +10,8 @@ By objective:
   mlm       masked LM over tokens -> MlmMask: bert_mlm, whole_word_mlm, span_mlm, roberta_mlm (+ step_key),
             random_token_mask, contiguous_block_mask; gather_positions for the P prediction slots
   causal    next-token prediction -> CausalLm: causal_lm, causal_segment_mask (packed documents)
-  image     patches -> MaeMask (mae_random_mask, mae_mask_from_noise), BEiT blocks (beit_block_mask)
+  image     patches -> MaeMask (mae_random_mask, mae_mask_from_noise), BEiT blocks (beit_block_mask,
+            and the released sampler beit_unilm_mask)
   _rows     the shared row machinery: per-row keys and bits, scores, 80/10/10, _finish_row
 
 Example (BERT-base: T=128, max_predictions_per_seq=20; BERT README, "Pre-training with BERT")::
@@ -34,6 +35,8 @@ from maskjax.masking.image import (
     MaeMask,
     beit_block_mask,
     beit_block_mask_with_blocks,
+    beit_unilm_blocks,
+    beit_unilm_mask,
     mae_mask_from_noise,
     mae_num_keep,
     mae_random_mask,
@@ -71,6 +74,8 @@ __all__ = [
     "mae_random_mask",
     "beit_block_mask",
     "beit_block_mask_with_blocks",
+    "beit_unilm_blocks",
+    "beit_unilm_mask",
     "random_token_mask",
     "contiguous_block_mask",
     "gather_positions",

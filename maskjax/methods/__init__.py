@@ -5,7 +5,10 @@ ahead-of-time compiler (`maskjax.aot`), `maskjax describe` and the benchmarks kn
 through these fields; nothing outside a method module switches on its name.
 
   loss(model, batch, key, config, *, train, extras) -> (loss, metrics)
-      pure; runs inside the one jitted step: masking + model + loss, the place a paper reader looks
+      pure; runs inside the one jitted step: masking + model + loss, the place a paper reader looks.
+      A loss that averages over a varying number of predictions puts its parts in
+      metrics["loss_terms"] = {name: (mean, count)}, loss = Σ mean, so that gradient accumulation
+      weighs microbatches as one big batch would (`Trainer._accumulate`).
   batch_spec(config, model_cfg) -> {name: ShapeDtypeStruct}
       the global batch the loaders produce (ahead-of-time compiles lower from it)
   flops(config, model_cfg) -> int

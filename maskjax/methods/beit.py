@@ -4,8 +4,10 @@ targets  the visual tokenizer's codes of the *uncorrupted* image, one per patch
          (BEiT used DALL-E's dVAE; here a VQ-VAE trained by `configs/demo/vqvae.py`
          and named by `masking.tokenizer_workdir`; `masking.tokenizer`, its model fields,
          gives the step's shapes without the checkpoint, for ahead-of-time compiles)
-masking  masking.beit_block_mask: blocks of >= 16 patches, aspect in [0.3, 1/0.3],
-         exactly `num_masked` patches per image (75 of 196 at 224/16, Sec. 2.3)
+masking  blocks of >= 16 patches, aspect in [0.3, 1/0.3], up to `num_masked` patches per image
+         (75 of 196 at 224/16, Sec. 2.3). masking.sampler "unilm": the released generator
+         (masking.beit_unilm_mask), which stops short of 75 in a third of the images; "exact":
+         masking.beit_block_mask, always 75 (their laws are compared in beit_unilm_blocks)
 model    models.beit.Beit: [MASK] embedding at masked patches; logits only there
 loss     cross-entropy of the visual-token ids at the masked patches
 
@@ -85,6 +87,9 @@ def extras_spec(config: Any) -> dict:
     return {"tokenizer": nnx.to_pure_dict(nnx.state(abstract, nnx.Param))}
 
 
+SAMPLERS = ("unilm", "exact")  # the released MaskingGenerator; always exactly num_masked
+
+
 def masked_positions(mask: jax.Array, count: int) -> jax.Array:
     """(B, N) bool with exactly `count` True per row -> their indices (B, count), ascending."""
     return jnp.argsort(~mask, axis=-1, stable=True)[:, :count].astype(jnp.int32)
@@ -98,15 +103,16 @@ def loss(
     graphdef = _graphdef(tokenizer_config(config))
     codes = jax.lax.stop_gradient(nnx.merge(graphdef, extras["tokenizer"]).encode(images))  # (B, N)
     k_mask, k_drop = jax.random.split(key)
-    mask = masking.beit_block_mask(
-        k_mask, images.shape[0], cfg.grid, num_masked=m.num_masked, min_block=m.min_block
-    )
-    positions = masked_positions(mask, m.num_masked)
+    sample = masking.beit_unilm_mask if m.sampler == "unilm" else masking.beit_block_mask
+    mask = sample(k_mask, images.shape[0], grid=cfg.grid, num_masked=m.num_masked, min_block=m.min_block)
+    positions = masked_positions(mask, m.num_masked)  # a short mask's spare slots point at kept patches
     out = model(images, mask, masked_positions=positions, dropout_key=k_drop if train else None)
     targets = jnp.take_along_axis(codes, positions, axis=1)
-    weights = jnp.ones(targets.shape, jnp.float32)
+    weights = jnp.take_along_axis(mask, positions, axis=1).astype(jnp.float32)  # 0 on spare slots
     value = losses.masked_cross_entropy(out["logits"], targets, weights)
-    return value, {"loss": value, "accuracy": losses.masked_accuracy(out["logits"], targets, weights)}
+    accuracy = losses.masked_accuracy(out["logits"], targets, weights)
+    # The unilm sampler's masks vary in size: a microbatch weighs by its masked patches.
+    return value, {"loss": value, "accuracy": accuracy, "loss_terms": {"tokens": (value, weights.sum())}}
 
 
 batch_spec = image_batch_spec  # the global batch's shapes, for ahead-of-time compiles
@@ -125,10 +131,10 @@ def flops(config: Any, model_cfg: beit.BeitConfig) -> int:
 
 
 def describe_masking(config: Any, model_cfg: beit.BeitConfig) -> dict[str, Any]:
-    # Blockwise masking of exactly num_masked patches (Bao et al. 2022, Sec. 2.3, Algorithm 1).
+    # Blockwise masking of up to num_masked patches (Bao et al. 2022, Sec. 2.3, Algorithm 1).
     m = config.masking
     return {
-        "strategy": "blockwise",
+        "strategy": f"blockwise ({m.sampler})",
         "ratio": m.num_masked / model_cfg.num_patches,
         "max_predictions": m.num_masked,
     }
@@ -140,6 +146,8 @@ def validate(config: Any, model_cfg: beit.BeitConfig) -> None:
     count = m.get("num_masked")
     if not isinstance(count, int) or not 0 < count < n:
         raise ConfigError(f"masking.num_masked must be an integer in (0, {n} patches); got {count!r}")
+    if m.get("sampler") not in SAMPLERS:
+        raise ConfigError(f"masking.sampler must be one of {list(SAMPLERS)}; got {m.get('sampler')!r}")
     if not isinstance(m.get("min_block"), int) or not 1 <= m.min_block <= count:
         raise ConfigError(
             f"masking.min_block must be an integer in [1, num_masked={count}]; got {m.get('min_block')!r}"

@@ -87,13 +87,15 @@ def loss(
         "mlm_accuracy": losses.masked_accuracy(out["mlm_logits"], m.targets, m.weights),
     }
     total = mlm
+    terms = {"mlm": (mlm, m.weights.sum())}  # a mean over a varying number of masked tokens
     if model.cfg.nsp:
         labels = batch["next_sentence_label"]
         nsp = losses.nsp_loss(out["nsp_logits"], labels)
         ones = jnp.ones(labels.shape, jnp.float32)
         metrics.update(nsp_loss=nsp, nsp_accuracy=losses.masked_accuracy(out["nsp_logits"], labels, ones))
         total = total + nsp
-    metrics["loss"] = total
+        terms["nsp"] = (nsp, ones.sum())
+    metrics.update(loss=total, loss_terms=terms)
     return total, metrics
 
 
