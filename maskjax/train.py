@@ -148,11 +148,14 @@ class Trainer:
 
         def share(p, mb, k):
             loss, (metrics, terms) = self._loss(p, mb, k, extras)
-            if not terms:
-                return loss / accum, metrics
-            return sum(
-                mean * n / jnp.maximum(totals[name], 1.0) for name, (mean, n) in terms.items()
-            ), metrics
+            terms = terms or {}
+            # What the terms leave out of the loss (nothing today) is a fixed-count part: 1/accum of it.
+            fixed = loss - sum(mean for mean, _ in terms.values())
+            counted = [
+                jnp.where(n > 0, mean * n, 0.0) / jnp.maximum(totals[name], 1.0)
+                for name, (mean, n) in terms.items()
+            ]
+            return fixed / accum + sum(counted), metrics
 
         grad_fn = jax.value_and_grad(share, has_aux=True)
 
@@ -165,7 +168,7 @@ class Trainer:
         (_, zero_m), zero_g = jax.eval_shape(lambda: grad_fn(params, first, key))
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zero_g, jnp.zeros(()), zero_m))
         (grads, loss, metrics), _ = jax.lax.scan(step, zeros, (index, micro))
-        metrics = jax.tree.map(lambda x: x / accum, metrics)  # the other metrics: mean of the microbatches'
+        metrics = jax.tree.map(lambda x: x / accum, metrics)  # the others (accuracy...): microbatch means
         return grads, dict(metrics, loss=loss)  # the loss: the big batch's, exactly
 
     def _eval_step(self, params: dict, batch: dict, index: jax.Array, extras: Any) -> dict:

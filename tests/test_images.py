@@ -383,20 +383,33 @@ def test_color_jitter_is_torchvisions_brightness_contrast_saturation():
         assert got.dtype == np.uint8 and got.shape == photo.shape
         np.testing.assert_array_equal(got, want.astype(np.uint8), err_msg=f"{seed} {factors} {order}")
         assert not np.array_equal(got, photo)
-    # Factors cover [1 - s, 1 + s] uniformly and every order of the three occurs.
-    rng = np.random.default_rng(0)
-    draws = [(rng.uniform(0.6, 1.4), tuple(rng.permutation(3))) for _ in range(600)]
-    assert {o for _, o in draws} == {tuple(p) for p in __import__("itertools").permutations(range(3))}
 
 
-def test_train_transform_jitters_before_the_crop():
-    """Contrast uses the whole image's mean: jittering after the crop would differ (BEiT jitters first)."""
-    photo = sklearn_datasets.load_sample_images().images[1]
-    record = {"image": np.asarray(Image.fromarray(photo).resize((96, 64)))}
-    t = images.train_transform(32, (0.5,) * 3, (0.5,) * 3, color_jitter_strengths=(0.4, 0.4, 0.4))
-    plain = images.train_transform(32, (0.5,) * 3, (0.5,) * 3)
-    a = t(record, np.random.default_rng(3))["image"]
-    b = plain(record, np.random.default_rng(3))["image"]
-    assert a.shape == b.shape == (32, 32, 3) and not np.allclose(a, b)
+def test_color_jitter_on_a_grey_image_has_no_saturation_to_change():
+    """torchvision's PIL path on an "L" image: brightness and contrast apply, saturation is the identity."""
+    digit = (sklearn_datasets.load_digits().images[0] * 15).astype(np.uint8)[..., None]  # real 8x8 grey
+    got = images.color_jitter(digit, np.random.default_rng(1), (0.4, 0.4, 0.4))
+    again = np.random.default_rng(1)
+    factors, order = [again.uniform(0.6, 1.4) for _ in range(3)], again.permutation(3)
+    want = _reference_jitter(np.repeat(digit, 3, -1), factors[:2] + [1.0], order)[..., :1]  # grey: R = G = B
+    assert got.shape == digit.shape
+    np.testing.assert_array_equal(got, want.astype(np.uint8))
+
+
+def test_train_transform_jitters_the_whole_image_before_the_crop():
+    """BEiT's order: ColorJitter on the whole image, then the crop. Contrast uses the image's mean grey
+    level, so jittering the crop instead would give another image."""
+    photo = np.asarray(Image.fromarray(sklearn_datasets.load_sample_images().images[1]).resize((96, 64)))
+    t = images.train_transform(32, (0.5,) * 3, (0.5,) * 3, flip=False, color_jitter_strengths=(0.4, 0.4, 0.4))
+    got = t({"image": photo}, np.random.default_rng(3))["image"]
+    rng = np.random.default_rng(3)
+    jittered_first = images.random_resized_crop(images.color_jitter(photo, rng, (0.4, 0.4, 0.4)), rng, 32)
+    np.testing.assert_array_equal(got, images.normalize(jittered_first, (0.5,) * 3, (0.5,) * 3))
+    rng = np.random.default_rng(3)
+    factors = [rng.uniform(0.6, 1.4) for _ in range(3)]
+    order = rng.permutation(3)
+    cropped_first = images.random_resized_crop(photo, rng, 32)
+    crop_then_jitter = _reference_jitter(cropped_first, factors, order).astype(np.uint8)
+    assert not np.array_equal(jittered_first, crop_then_jitter)
     with pytest.raises(ValueError, match="three strengths"):
         images.train_transform(32, (0.5,) * 3, (0.5,) * 3, color_jitter_strengths=(0.4, 0.4))

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from tiny_configs import FAMILIES, tiny
@@ -340,10 +341,10 @@ def _accum_pair(family, data_dir, edit=None, **overrides):
     from maskjax import sharding
     from maskjax.data import loaders
 
-    c1 = tiny(family, data_dir, **{"model.dropout": 0.0, "model.attention_dropout": 0.0}, **overrides)
-    c4 = tiny(
-        family, data_dir, **{"model.dropout": 0.0, "model.attention_dropout": 0.0, "grad_accum_steps": 4}
-    )
+    # No dropout (its keys differ per microbatch) and no warm-up (lr 0 at step 0 would hide the update).
+    fixed = {"model.dropout": 0.0, "model.attention_dropout": 0.0, "schedule.warmup_steps": 0, **overrides}
+    c1 = tiny(family, data_dir, **fixed)
+    c4 = tiny(family, data_dir, **fixed, grad_accum_steps=4)
     one, four = train.Trainer(c1, jax.devices()[:1]), train.Trainer(c4, jax.devices()[:1])
     loaders.prepare(c1)
     host = next(loaders.make(c1, "train"))
@@ -360,13 +361,14 @@ def test_gpt_accumulating_4_microbatches_is_one_big_batch(data_dir):
         seg = host["segment_ids"].copy()
         seg[0, 10:] = 0  # rows 0 and 4 are microbatch 0's: padded tails, as a corpus's last window
         seg[4, 25:] = 0
+        seg[[1, 5, 9, 13]] = 0  # microbatch 1 is all padding: no prediction at all
         host["segment_ids"] = seg
         return host
 
     one, four, batch, rules = _accum_pair("gpt", data_dir, pad_some_rows)
     with rules:
         counts = np.asarray(batch["segment_ids"]).reshape(-1, 4, 32).swapaxes(0, 1)
-        assert len({int((c > 0).sum()) for c in counts}) > 1  # the microbatches' counts differ
+        assert len({int((c > 0).sum()) for c in counts}) > 1 and (counts[1] == 0).all()  # uneven, one empty
         s1, m1 = one.train_step(one.init(), batch, None)
         s4, m4 = four.train_step(four.init(), batch, None)
         params = one.init()["params"]
@@ -376,6 +378,7 @@ def test_gpt_accumulating_4_microbatches_is_one_big_batch(data_dir):
     assert abs(float(m4["loss"]) / float(m1["loss"]) - 1) < 1e-6
     assert _rel(g4, g1) < 1e-6
     update = lambda s: jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), s["params"], params)  # noqa: E731
+    assert float(optax.tree.norm(update(s1))) > 0
     assert _rel(update(s4), update(s1)) < 1e-5
 
 
@@ -429,5 +432,51 @@ def test_mlm_accumulating_4_microbatches_is_one_big_batch(family, data_dir):
         (want, per_micro), g_want = jax.jit(jax.value_and_grad(big_batch_loss, has_aux=True))(params)
         g4, m4 = jax.jit(lambda p: four._accumulate(p, batch, key, None, 4))(params)
     assert len(set(np.asarray(per_micro).tolist())) > 1  # the microbatches mask different numbers of tokens
+    assert abs(float(m4["loss"]) / float(want) - 1) < 1e-6
+    assert _rel(g4, g_want) < 1e-6
+
+
+def test_beit_accumulating_4_microbatches_is_one_big_batch(data_dir):
+    """The released sampler's masks vary in size: the reference is one forward pass over all rows with
+    the microbatches' masks, cross-entropy over every masked patch of the batch."""
+    from flax import nnx
+
+    from maskjax import losses, masking
+    from maskjax.methods import beit as beit_method
+
+    # 10 of 16 patches in blocks of >= 8 on the 4x4 grid: the generator stops short in ~1 image in 4.
+    shorts = {"model.drop_path": 0.0, "masking.num_masked": 10, "masking.min_block": 8}
+    _, four, batch, rules = _accum_pair("beit", data_dir, **shorts)
+    key = jax.random.fold_in(four.train_key, 0)
+    m, cfg = four.config.masking, four.model_cfg
+    extras = four.load_extras()
+    tokenizer = nnx.merge(
+        beit_method._graphdef(beit_method.tokenizer_config(four.config)), extras["tokenizer"]
+    )
+
+    def big_batch_loss(params):
+        images = batch["image"].reshape(-1, 4, *batch["image"].shape[1:]).swapaxes(0, 1)
+        masks = [
+            masking.beit_unilm_mask(
+                jax.random.split(jax.random.fold_in(key, i))[0],
+                images.shape[1],
+                grid=cfg.grid,
+                num_masked=m.num_masked,
+                min_block=m.min_block,
+            )
+            for i in range(4)
+        ]
+        whole, mask = images.reshape(-1, *images.shape[2:]), jnp.concatenate(masks)
+        positions = beit_method.masked_positions(mask, m.num_masked)
+        out = nnx.merge(four.graphdef, params)(whole, mask, masked_positions=positions)
+        targets = jnp.take_along_axis(tokenizer.encode(whole), positions, axis=1)
+        weights = jnp.take_along_axis(mask, positions, axis=1).astype(jnp.float32)
+        return losses.masked_cross_entropy(out["logits"], targets, weights), mask.reshape(4, -1).sum(1)
+
+    with rules:
+        params = four.init()["params"]
+        (want, per_micro), g_want = jax.jit(jax.value_and_grad(big_batch_loss, has_aux=True))(params)
+        g4, m4 = jax.jit(lambda p: four._accumulate(p, batch, key, extras, 4))(params)
+    assert m.sampler == "unilm" and len(set(np.asarray(per_micro).tolist())) > 1  # masks of different sizes
     assert abs(float(m4["loss"]) / float(want) - 1) < 1e-6
     assert _rel(g4, g_want) < 1e-6

@@ -282,8 +282,9 @@ def gpt_packed(
 ) -> Iterator[Example]:
     """GPT inputs: all documents as one stream, each followed by <eos>, cut into windows of `length`.
 
-    GPT-2 trains on contiguous windows of its token stream (Radford et al.
-    2019, Sec. 2.3; "<|endoftext|>" ends each document). segment_ids number the
+    GPT-2 trains on contiguous 1,024-token windows (Radford et al. 2019, Sec.
+    2.3) of documents delimited by an end-of-text token (Brown et al. 2020,
+    Sec. 2.3; "<|endoftext|>" in GPT-2's released encoder). segment_ids number the
     documents inside each window from 1 (0 = padding), so attention can stay
     within a document while the loss covers every next token of the stream
     (`masking.causal_lm`). Layout:

@@ -55,10 +55,11 @@ def causal_lm(
     ids (B, T); segment_ids (B, T) document index of each token in a packed row (None = one
     document); padding from `valid` (B, T) bool or `pad_id`. targets[t] = ids[t+1] (the last
     column gets pad_id or 0); weights[t] = 1 wherever t and t+1 are real tokens. That includes the
-    step from a document's closing <|endoftext|> to the next document's first token: GPT-2 trains
-    on one unbroken token stream (Radford et al. 2019, Sec. 2.3), so the model learns how a text
-    starts. Attention still stops at the document boundary (the <|endoftext|> sees its own
-    document), and only padding predicts nothing.
+    step from a document's closing <|endoftext|> to the next document's first token, as in the
+    GPTs' packed training sequences ("documents within a sequence are delimited with a special end
+    of text token", Brown et al. 2020, Sec. 2.3; GPT-2's released encoder has the token), so the
+    model learns how a text starts. Attention still stops at the document boundary (the
+    <|endoftext|> sees its own document), and only padding predicts nothing.
     """
     B, T = ids.shape
     v = _valid(ids, pad_id, valid)

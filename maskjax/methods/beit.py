@@ -4,7 +4,7 @@ targets  the visual tokenizer's codes of the *uncorrupted* image, one per patch
          (BEiT used DALL-E's dVAE; here a VQ-VAE trained by `configs/demo/vqvae.py`
          and named by `masking.tokenizer_workdir`; `masking.tokenizer`, its model fields,
          gives the step's shapes without the checkpoint, for ahead-of-time compiles)
-masking  blocks of >= 16 patches, aspect in [0.3, 1/0.3], up to `num_masked` patches per image
+masking  random blocks (area >= 16 before rounding), aspect in [0.3, 1/0.3], up to `num_masked` patches
          (75 of 196 at 224/16, Sec. 2.3). masking.sampler "unilm": the released generator
          (masking.beit_unilm_mask), which stops short of 75 in a third of the images; "exact":
          masking.beit_block_mask, always 75 (their laws are compared in beit_unilm_blocks)
@@ -91,7 +91,8 @@ SAMPLERS = ("unilm", "exact")  # the released MaskingGenerator; always exactly n
 
 
 def masked_positions(mask: jax.Array, count: int) -> jax.Array:
-    """(B, N) bool with exactly `count` True per row -> their indices (B, count), ascending."""
+    """(B, N) bool with at most `count` True per row -> (B, count): the True indices ascending, then
+    (a short row) the first False ones, which the caller weighs 0."""
     return jnp.argsort(~mask, axis=-1, stable=True)[:, :count].astype(jnp.int32)
 
 

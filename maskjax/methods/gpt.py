@@ -1,8 +1,8 @@
 """GPT-2 (Radford et al. 2019): next-token prediction over packed documents.
 
-masking  masking.causal_lm: targets shifted by one, weights 0 where the next
-         token belongs to another document or is padding; attention causal
-         and confined to the document (segment ids)
+masking  masking.causal_lm: targets shifted by one, every real next token a target (the
+         first token after <|endoftext|> too), padding weight 0; attention causal and
+         confined to the document (segment ids)
 model    models.gpt.Gpt
 loss     cross-entropy over real next tokens; perplexity = exp(loss)
 

@@ -141,7 +141,7 @@ class Beit(nnx.Module):
             rngs=rngs, init=cfg.init, init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype
         )
         self.patch_embed = layers.Dense(p * p * cfg.channels, d, ("pixels", "embed"), **kw)
-        token = layers.initializer(cfg.init, cfg.init_std, 1, 1)
+        token = layers.initializer("truncated" if cfg.init == "truncated" else "normal", cfg.init_std, 1, 1)
         self.cls_token = layers.param(rngs, token, (d,), ("embed",), cfg.param_dtype)
         self.mask_token = layers.param(rngs, token, (d,), ("embed",), cfg.param_dtype)
         h, w = cfg.grid
