@@ -523,14 +523,14 @@ def main(argv: list[str] | None = None) -> None:
     run = COMMANDS[command].run
     rest = [_underscore_flag_name(a) for a in args[1:]]
 
-    from maskjax.config import ConfigError
+    from maskjax.errors import ConfigError, TrainingDiverged
 
     def _run(_: list[str]) -> None:
         if quiet:
             _quiet_python_logs()
         try:
             run()
-        except (UsageError, ConfigError, FileNotFoundError) as e:  # the user's to fix: one line
+        except (UsageError, ConfigError, FileNotFoundError, TrainingDiverged) as e:  # one line, exit 1
             sys.exit(f"maskjax {command}: {e}")
 
     from maskjax import distributed

@@ -34,6 +34,7 @@ COUNTS = (
     "checkpoint_every",
     "eval_batches",
     "grad_accum_steps",
+    "max_nonfinite_steps",
 )
 REQUIRED = ("family", "seed", *COUNTS, "keep_checkpoints", "mesh", "model", "optimizer", "schedule", "data")
 

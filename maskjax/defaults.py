@@ -93,6 +93,7 @@ def base(family: str) -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1  # micro-batches per step (train.py, config.validate)
     c.keep_checkpoints = 3  # orbax max_to_keep (train.py)
     c.eval_batches = 4  # held-out batches per evaluation (train.py, methods)
+    c.max_nonfinite_steps = 3  # consecutive skipped non-finite steps before the run stops (train.py)
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}  # pure data parallel over every device
     data: dict[str, Any] = dict(
         kind=data_kind,

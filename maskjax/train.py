@@ -13,6 +13,7 @@ it only through `maskjax.methods.Method`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -30,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from maskjax import checkpoint, evaluators, methods, models, optim, sharding
 from maskjax import config as config_lib
 from maskjax.data import loaders
+from maskjax.errors import TrainingDiverged
 
 
 class Trainer:
@@ -122,8 +124,27 @@ class Trainer:
             grads, metrics = self._accumulate(state["params"], batch, key, extras, accum)
         updates, opt_state = self.tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, learning_rate=self.lr(step), grad_norm=optax.tree.norm(grads))
-        return {"params": params, "opt": opt_state, "step": step + 1}, metrics
+        # A step whose loss or gradient is not finite leaves parameters and optimizer state as they were
+        # (the step counter and the data move on); the loop stops after `max_nonfinite_steps` in a row.
+        # Not optax.apply_if_finite: its state would change the checkpoint layout, and after its limit
+        # it applies the non-finite update, where a run here stops instead.
+        loss_ok = jnp.isfinite(metrics["loss"])
+        grads_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        ok = loss_ok & grads_ok
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        metrics = dict(
+            metrics,
+            learning_rate=self.lr(step),
+            grad_norm=optax.tree.norm(grads),
+            nonfinite_loss=(~loss_ok).astype(jnp.int32),
+            nonfinite_grads=(~grads_ok).astype(jnp.int32),
+        )
+        new = {
+            "params": keep(params, state["params"]),
+            "opt": keep(opt_state, state["opt"]),
+            "step": step + 1,
+        }
+        return new, metrics
 
     def _accumulate(self, params: dict, batch: dict, key: jax.Array, extras: Any, accum: int) -> tuple:
         """Gradient and metrics of the whole batch from `accum` microbatches, as one big batch gives.
@@ -209,6 +230,45 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class _NonFinite:
+    """Counts the steps the train step skipped (non-finite loss or gradient), from each step's flags.
+
+    A step's flags are read after the next step is dispatched, so the device stays one step ahead and
+    no step waits for the host; `flush` reads the last one (before a log line or a save). Every process
+    reads the same replicated flags, so all stop at the same step.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.total, self.pending = limit, 0, 0, None
+
+    def after(self, step: int, metrics: dict) -> None:
+        previous, self.pending = self.pending, (step, metrics["nonfinite_loss"], metrics["nonfinite_grads"])
+        if previous is not None:
+            self._count(*previous)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            previous, self.pending = self.pending, None
+            self._count(*previous)
+
+    def _count(self, step: int, bad_loss: jax.Array, bad_grads: jax.Array) -> None:
+        bad_loss, bad_grads = bool(bad_loss), bool(bad_grads)
+        if not (bad_loss or bad_grads):
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.limit:
+            raise TrainingDiverged(
+                f"step {step}: the {'loss' if bad_loss else 'gradient'} is not finite, "
+                f"{self.in_a_row} steps in a row (max_nonfinite_steps={self.limit}); those steps were skipped"
+            )
+
+
+def _all_finite(tree: Any) -> bool:
+    return bool(jax.device_get(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))))
+
+
 def _is_local(path: epath.Path) -> bool:
     return "://" not in str(path)
 
@@ -255,8 +315,11 @@ class MetricsWriter:
 
 
 def _to_python(v: Any) -> Any:
+    """A JSON value; a non-finite float becomes null (strict JSON has no NaN; the step's
+    nonfinite_loss / nonfinite_grads flags say what happened)."""
     v = np.asarray(v) if hasattr(v, "shape") else v
-    return v.item() if isinstance(v, np.ndarray) else v
+    v = v.item() if isinstance(v, np.ndarray) else v
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def evaluate(trainer: Trainer, params: dict, loader: Any, extras: Any) -> dict:
@@ -363,6 +426,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
         trainer, loader, eval_loader = enter_phase(phase, data_state)
         window_step, window_start = step, time.perf_counter()  # throughput since the last log line
         last: dict = {}
+        nonfinite = _NonFinite(config.max_nonfinite_steps)
         try:
             while step < config.total_steps:
                 if phase + 1 < len(schedule) and step >= schedule[phase + 1][0]:
@@ -373,7 +437,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
                 batch = trainer.put_batch(next(loader))
                 state, metrics = trainer.train_step(state, batch, extras[phase])
                 step += 1
+                nonfinite.after(step, metrics)
                 if step % config.log_every == 0 or step == config.total_steps:
+                    nonfinite.flush()
                     last = dict(jax.device_get(metrics))  # the one host sync, every log_every steps
                     now = time.perf_counter()
                     rate = (step - window_step) / max(now - window_start, 1e-9)
@@ -382,6 +448,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
                     last.update(
                         examples_per_sec=rate * config.global_batch_size,
                         model_tflops_per_sec_per_device=rate * flops[phase] / trainer.mesh.size / 1e12,
+                        skipped_steps=nonfinite.total,  # non-finite steps left out, so far in this process
                         **loader.stats,
                     )
                     writer.write(step, last)
@@ -397,6 +464,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
                     last.update({f"eval_{k}": v for k, v in ev.items()})
                 stop = preemption.check(step)
                 if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
+                    nonfinite.flush()
+                    if not _all_finite(state["params"]):  # skipped steps keep it finite: never save worse
+                        raise TrainingDiverged(f"step {step}: the parameters are not finite; not saved")
                     checkpoint.save_state(
                         mngr, step, state, {"phase": phase, "loader": loader.get_state()}, spec
                     )
@@ -404,6 +474,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
                     print(f"SIGTERM: saved step {step}, exiting", flush=True)
                     break
             mngr.wait_until_finished()
+        except TrainingDiverged as e:
+            mngr.wait_until_finished()  # the saves before this step are the good ones: let them complete
+            latest = mngr.latest_step()
+            where = (
+                "none yet" if latest is None else f"step {latest} in {checkpoint.checkpoints_dir(workdir)}"
+            )
+            raise TrainingDiverged(f"{e}; the last finite checkpoint: {where}") from None
         finally:
             preemption.restore()
             writer.close()

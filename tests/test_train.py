@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -480,3 +481,70 @@ def test_beit_accumulating_4_microbatches_is_one_big_batch(data_dir):
     assert m.sampler == "unilm" and len(set(np.asarray(per_micro).tolist())) > 1  # masks of different sizes
     assert abs(float(m4["loss"]) / float(want) - 1) < 1e-6
     assert _rel(g4, g_want) < 1e-6
+
+
+# ---------------------------------------------------------------------------- non-finite steps
+
+
+def test_a_nonfinite_step_leaves_the_state_as_it_was(data_dir):
+    """A NaN in the batch makes loss and gradients NaN: parameters and optimizer state stay, the step
+    counter moves on and the flags say why; the next finite batch updates as usual."""
+    from maskjax import sharding
+    from maskjax.data import loaders
+
+    config = tiny("mae", data_dir, **{"schedule.warmup_steps": 0})
+    trainer = train.Trainer(config, jax.devices()[:1])
+    loaders.prepare(config)
+    host = next(loaders.make(config, "train"))
+    poisoned = {**host, "image": host["image"].copy()}
+    poisoned["image"][0, 0, 0, 0] = np.nan
+    with sharding.use_rules(trainer.mesh, trainer.rules):
+        start = trainer.init()
+        before = jax.device_get(start)
+        after, m = trainer.train_step(start, trainer.put_batch(poisoned), None)
+        after = jax.device_get(after)
+        assert (int(m["nonfinite_loss"]), int(m["nonfinite_grads"]), int(after["step"])) == (1, 1, 1)
+        for a, b in zip(
+            jax.tree.leaves((after["params"], after["opt"])),
+            jax.tree.leaves((before["params"], before["opt"])),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a, b)
+        good, m2 = trainer.train_step(
+            jax.device_put(after, trainer.state_sharding), trainer.put_batch(host), None
+        )
+        assert (int(m2["nonfinite_loss"]), int(m2["nonfinite_grads"])) == (0, 0)
+        assert _rel(jax.device_get(good["params"]), before["params"]) > 0
+
+
+def test_a_diverging_run_stops_in_one_line_and_keeps_its_last_finite_checkpoint(data_dir, tmp_path):
+    """The issue's accident: lr 1e4. The run must exit non-zero naming the step, the metric and the
+    last finite checkpoint, which restores with finite parameters; keep-N kept it."""
+    config = _config_file(tmp_path, "mae", data_dir)
+    workdir = tmp_path / "run"
+    flags = [
+        "--config.total_steps=30",
+        "--config.checkpoint_every=1",
+        "--config.keep_checkpoints=2",
+        "--config.log_every=1",
+        "--config.schedule.warmup_steps=1",
+        "--config.optimizer.base_lr=1e4",
+    ]
+    result = subprocess.run(
+        [*_train_command(config, workdir), *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ},
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert re.search(r"step \d+: the (loss|gradient) is not finite, 3 steps in a row", line), line
+    last = int(re.search(r"the last finite checkpoint: step (\d+)", line).group(1))
+    from maskjax import checkpoint
+
+    _, _, params = checkpoint.load_params(workdir, last)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    assert max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == last
+    logged = [r for r in rows(workdir) if r.get("split") != "eval"]
+    assert logged[-1]["skipped_steps"] >= 2 and any(r["nonfinite_grads"] for r in logged)
