@@ -129,7 +129,7 @@ class Trainer:
         # Not optax.apply_if_finite: its state would change the checkpoint layout, and after its limit
         # it applies the non-finite update, where a run here stops instead.
         loss_ok = jnp.isfinite(metrics["loss"])
-        grads_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        grads_ok = all_finite(grads)
         ok = loss_ok & grads_ok
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
         metrics = dict(
@@ -265,8 +265,12 @@ class _NonFinite:
             )
 
 
-def _all_finite(tree: Any) -> bool:
-    return bool(jax.device_get(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))))
+def all_finite(tree: Any) -> jax.Array:
+    """True when every element of every leaf is finite: one reduction, traceable."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+_all_finite_on_device = jax.jit(all_finite)  # the save-time check: one compiled reduction, not one per leaf
 
 
 def _is_local(path: epath.Path) -> bool:
@@ -465,7 +469,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
                 stop = preemption.check(step)
                 if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
                     nonfinite.flush()
-                    if not _all_finite(state["params"]):  # skipped steps keep it finite: never save worse
+                    if not bool(
+                        _all_finite_on_device(state["params"])
+                    ):  # skipped steps keep it finite: never save worse
                         raise TrainingDiverged(f"step {step}: the parameters are not finite; not saved")
                     checkpoint.save_state(
                         mngr, step, state, {"phase": phase, "loader": loader.get_state()}, spec
