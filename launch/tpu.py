@@ -3,7 +3,7 @@ hosts at once, stream the output, delete the slice.
 
     python launch/tpu.py run --name=mae-l --zone=europe-west4-a --accelerator=v3-128 \\
         --config=configs/mae_vit_large.py --workdir=gs://BUCKET/mae-l [--config.KEY=VALUE ...] \\
-        [--spot] [--reuse] [--keep] [--dry-run]
+        [--spot] [--reuse] [--keep] [--max-restarts=N] [--dry-run]
     python launch/tpu.py status --name=mae-l --zone=europe-west4-a
     python launch/tpu.py delete --name=mae-l --zone=europe-west4-a
 
@@ -26,11 +26,22 @@ plan (`shlex.join`, one command a line, `#` notes between) and `run` executes ex
             JAX_PLATFORMS=tpu (a busy or broken TPU fails loudly instead of silently training on CPU),
             plus each --env KEY=VALUE (e.g. MASKJAX_DATA_DIR=gs://BUCKET/data: fresh workers hold no
             datasets). The ssh output, all hosts interleaved, is the log.
-6. delete   `queued-resources delete --force --quiet`, also after a failed step, Ctrl-C or SIGTERM, unless
+6. check    only with --max-restarts=N > 0, after the wait, copy, install or train step failed (for copy
+            and install: all their tries): `describe` the queued resource. ACTIVE (or still queued): the
+            failure is the program's own, e.g. a config error, and is not retried (it would fail the same
+            way on paid time): stop. SUSPENDING, SUSPENDED, PREEMPTED, FAILED, DELETING or gone: the slice
+            was preempted or a worker died: go on with 7.
+7. restart  delete what is left of the slice (skipped when it is gone; also with --keep, as the name is
+            needed again), then repeat steps 1-6: a new slice (with --reuse too: the probe is not repeated),
+            the same archive, the same `maskjax train` with the same workdir. At most N times; after that
+            the launcher gives up with exit status 1.
+8. delete   `queued-resources delete --force --quiet`, also after a failed step, Ctrl-C or SIGTERM, unless
             --keep; nothing is deleted when the create step itself failed (the name may be someone's slice).
 
 The workdir must be gs://...: all hosts write one run directory, and the slice's disks die with it. A run
-interrupted by a spot preemption resumes from its last checkpoint when launched again with the same workdir.
+interrupted by a spot preemption resumes from its last checkpoint in the workdir: with --max-restarts=N the
+launcher does that itself (steps 6-7) up to N times; without it (0, the default: one attempt) the run ends
+with the train step's exit status, and launching it again with the same workdir resumes it.
 
 Quoting: the remote command is one string that the worker's shell parses again, so every value in it (config
 path, workdir, overrides, --env values) is `shlex.quote`d: `;`, quotes and `$(...)` arrive as plain text.
@@ -76,6 +87,9 @@ WORKER_ENV = {"MASKJAX_DISTRIBUTED": "1", "JAX_PLATFORMS": "tpu"}
 
 ACTIVE = "ACTIVE"
 DEAD_STATES = ("FAILED", "SUSPENDING", "SUSPENDED", "DELETING")
+# A failed step on a slice in one of these states (or gone) was preempted, not wrong: --max-restarts applies.
+PREEMPTED_STATES = (*DEAD_STATES, "PREEMPTED")
+RESTARTABLE = ("poll", "retry", "job")  # kinds of step whose failure is checked for a preemption
 # Not copied from a checkout without git (with git, its ignore rules decide).
 SKIP_DIRS = {
     ".git",
@@ -101,6 +115,7 @@ FORMS = {
     "project": (r"(?:[a-z0-9.-]+:)?[a-z][-a-z0-9]{4,28}[a-z0-9]", "a project ID like my-project-123"),
     "runtime_version": (r"[a-z0-9][-a-z0-9.]*", "a TPU software version like tpu-ubuntu2204-base"),
     "python": (r"3\.[0-9]+", "a Python version like 3.11"),
+    "max_restarts": (r"[0-9]+", "an integer >= 0, e.g. 3"),
     "env": (r"[A-Za-z_][A-Za-z0-9_]*=.*", "KEY=VALUE with KEY a shell variable name"),
 }
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -147,6 +162,7 @@ class Job:
     archive: str  # local path of the source archive
     reuse: bool = False
     keep: bool = False
+    max_restarts: int = 0  # recreate-and-resume rounds after a preemption
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,13 +174,18 @@ class Step:
     poll     repeated until it prints ACTIVE.
     retry    up to RETRIES attempts (idempotent steps only).
     job      once; its exit status becomes the launcher's.
+    check    (--max-restarts) after a failed poll, retry or job step: is the slice preempted or gone?
+    restart  (--max-restarts) then: delete its remains and go back to `create`.
     cleanup  at the end, in a `finally`, once `create` succeeded or `probe` found the slice.
     plain    once (the status and delete subcommands).
+
+    `name` is the step in one word, for the log lines ("preempted ... during train").
     """
 
     kind: str
     note: str
     argv: tuple[str, ...]
+    name: str = ""
 
 
 # ----------------------------------------------------------------------------------------- the plan
@@ -223,7 +244,7 @@ def train_command(job: Job) -> str:
 
 
 def run_plan(job: Job) -> list[Step]:
-    """create -> wait -> copy -> install -> train -> delete, as gcloud argv lists."""
+    """create -> wait -> copy -> install -> train [-> check -> restart] -> delete, as gcloud argv lists."""
     s, steps = job.slice, []
     if job.reuse:
         steps.append(
@@ -242,25 +263,31 @@ def run_plan(job: Job) -> list[Step]:
             "create",
             f"create the slice: a queued resource, {how}" + (" (if none exists)" if job.reuse else ""),
             _queued(s, "create", *create),
+            "create",
         ),
-        Step("poll", "wait: this command is repeated until it prints ACTIVE", describe_state_argv(s)),
+        Step("poll", "wait: this command is repeated until it prints ACTIVE", describe_state_argv(s), "wait"),
         Step(
             "retry",
             f"copy the source archive to every worker (up to {RETRIES} tries)",
             _on_workers(s, "scp", job.archive, f"{s.name}:{REMOTE_ARCHIVE}"),
+            "copy",
         ),
         Step(
             "retry",
             f"install it with Python {job.python} and {job.jax_requirement} on every worker "
             f"(up to {RETRIES} tries)",
             _on_workers(s, "ssh", s.name, f"--command={install_command(job)}"),
+            "install",
         ),
         Step(
             "job",
             "train on all workers at once; this output is the log",
             _on_workers(s, "ssh", s.name, f"--command={train_command(job)}"),
+            "train",
         ),
     ]
+    if job.max_restarts:
+        steps += restart_steps(job, first=len(steps) - 4)
     if not job.keep:
         steps.append(
             Step(
@@ -270,6 +297,36 @@ def run_plan(job: Job) -> list[Step]:
             )
         )
     return steps
+
+
+def restart_steps(job: Job, first: int) -> list[Step]:
+    """The preemption loop after the train step; `first` is the create step's number in the dry run.
+
+    Only a slice that is no longer ACTIVE restarts: a failure on a healthy slice is the program's own and
+    would fail again the same way, on paid time."""
+    s, n = job.slice, job.max_restarts
+    last = first + 4  # the train step
+    dead = ", ".join(PREEMPTED_STATES)
+    gone = "skipped if gone" + ("; also with --keep" if job.keep else "")
+    again = f"repeat steps {first}-{first + 5}" + (" (--reuse: a new slice, no probe)" if job.reuse else "")
+    return [
+        Step(
+            "check",
+            f"only if step {first + 1}, {first + 2}, {first + 3} or {last} fails: the slice's state; "
+            f"ACTIVE or still queued: stop, no restart (the program's own error); {dead} or gone: "
+            f"preempted, go on with {last + 2}",
+            describe_state_argv(s),
+            "check",
+        ),
+        Step(
+            "restart",
+            f"only after a preemption: delete what is left of the slice ({gone}), then {again} with the "
+            "same train command and workdir (maskjax resumes from its last checkpoint); "
+            f"at most {n} restart{'s' if n > 1 else ''} (--max-restarts), then give up with exit status 1",
+            _queued(s, "delete", "--force", "--quiet"),
+            "restart",
+        ),
+    ]
 
 
 def status_plan(s: Slice) -> list[Step]:
@@ -420,6 +477,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--keep", action="store_true", help="do not delete the slice at the end")
     run.add_argument(
+        "--max-restarts",
+        default="0",
+        metavar="N",
+        help="if the slice is preempted, recreate it and resume training, up to N times (default 0)",
+    )
+    run.add_argument(
         "--env",
         action="append",
         default=[],
@@ -487,6 +550,7 @@ def parse(argv: Sequence[str], cwd: Path | None = None) -> tuple[argparse.Namesp
         archive=archive_path(s.name),
         reuse=args.reuse,
         keep=args.keep,
+        max_restarts=int(_check("max_restarts", args.max_restarts)),
     )
     args.job = job
     preamble = [f"first, locally: pack the files of {source} (see source_files) into {job.archive}"]
@@ -543,19 +607,54 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise _Terminated
 
 
-def execute(steps: Sequence[Step], poll_seconds: float = 30.0, max_wait_s: float | None = None) -> int:
+def _run(step: Step, poll_seconds: float, max_wait_s: float | None) -> int:
+    """Run a poll, retry, job or plain step; its exit status (a failed poll or retry raises LaunchError)."""
+    if step.kind == "poll":
+        _wait_active(step.argv, poll_seconds, max_wait_s)
+    elif step.kind == "retry":
+        _retry(step.argv, poll_seconds)
+    else:
+        status = subprocess.call(list(step.argv))
+        if status != 0:
+            _say(f"exited with status {status}")
+        return status
+    return 0
+
+
+def _preemption(check: Step | None, failed: Step) -> str | None:
+    """Why `failed` failed, if the slice was taken away ("state SUSPENDED", "the slice is gone"); None when
+    it was not (no check step, or the slice is still ACTIVE or queued): then the failure is not retried."""
+    if check is None or failed.kind not in RESTARTABLE:
+        return None
+    state = _state(check.argv)
+    if state is not None and state not in PREEMPTED_STATES:
+        _say(f"the slice is {state}: the failure is the program's own, not retried")
+        return None
+    return f"state {state}" if state else "the slice is gone"
+
+
+def execute(
+    steps: Sequence[Step],
+    poll_seconds: float = 30.0,
+    max_wait_s: float | None = None,
+    max_restarts: int = 0,
+) -> int:
     """Run the plan's commands in order (see `Step` for the kinds); return the exit status.
 
-    The slice is deleted in a `finally` once it was created or reused, so a failed install, a crashed
-    job, Ctrl-C or SIGTERM still ends the billing; Ctrl-C is ignored while the delete runs.
+    With a check and a restart step in the plan, a failed step on a preempted slice goes back to `create`,
+    up to `max_restarts` times. The slice is deleted in a `finally` once it was created or reused, so a
+    failed install, a crashed job, Ctrl-C or SIGTERM still ends the billing; Ctrl-C is ignored while the
+    delete runs.
     """
     cleanup = [s for s in steps if s.kind == "cleanup"]
-    armed, exists, status, step = False, False, 0, None
+    check = next((s for s in steps if s.kind == "check"), None)
+    restart = next((s for s in steps if s.kind == "restart"), None)
+    inline = [s for s in steps if s.kind not in ("check", "restart", "cleanup")]
+    armed, exists, status, step, restarts, i = False, False, 0, None, 0, 0
     previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        for step in steps:
-            if step.kind == "cleanup":
-                continue
+        while i < len(inline):
+            step, i = inline[i], i + 1
             if step.kind == "create" and exists:
                 _say("the slice exists: reusing it")
                 continue
@@ -571,15 +670,30 @@ def execute(steps: Sequence[Step], poll_seconds: float = 30.0, max_wait_s: float
                 if subprocess.call(list(step.argv)) != 0:
                     raise LaunchError("creating the slice failed (if it exists already, --reuse runs on it)")
                 armed = True
-            elif step.kind == "poll":
-                _wait_active(step.argv, poll_seconds, max_wait_s)
-            elif step.kind == "retry":
-                _retry(step.argv, poll_seconds)
-            else:  # job, plain
-                status = subprocess.call(list(step.argv))
-                if status != 0:
-                    _say(f"exited with status {status}")
+            else:  # poll, retry, job, plain
+                error = None
+                try:
+                    status = _run(step, poll_seconds, max_wait_s)
+                except LaunchError as e:
+                    status, error = 1, e
+                if status == 0:
+                    continue
+                why = _preemption(check, step)
+                if why is None:
+                    if error is not None:
+                        raise error
                     break
+                if restarts >= max_restarts or restart is None:
+                    raise LaunchError(
+                        f"preempted ({why}) during {step.name}, and all {max_restarts} restarts "
+                        f"(--max-restarts) are used up: giving up"
+                    )
+                restarts += 1
+                _say(f"preempted ({why}) during {step.name}: restart {restarts}/{max_restarts}")
+                if why != "the slice is gone" and subprocess.call(list(restart.argv)) != 0:
+                    raise LaunchError(f"deleting the preempted slice failed: {shlex.join(restart.argv)}")
+                # Back to `create`: a new slice, also with --reuse.
+                exists, i = False, next(n for n, s in enumerate(inline) if s.kind == "create")
     except (KeyboardInterrupt, _Terminated) as e:
         status = 130 if isinstance(e, KeyboardInterrupt) else 143
         _say("interrupted" if status == 130 else "terminated")
@@ -618,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             size = pack_source(source, files, job.archive)
             _say(f"packed {len(files)} files of {source} into {job.archive} ({size / 1e6:.1f} MB)")
             max_wait = None if args.max_wait_minutes is None else 60 * args.max_wait_minutes
-            return execute(steps, args.poll_seconds, max_wait)
+            return execute(steps, args.poll_seconds, max_wait, job.max_restarts)
         return execute(steps)
     except UsageError as e:
         print(f"launch/tpu.py: {e}", file=sys.stderr)

@@ -16,7 +16,7 @@ import os
 import sys
 import textwrap
 from collections.abc import Callable
-from typing import NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from absl import app, flags
 
@@ -483,10 +483,22 @@ def _quiet_python_logs() -> None:
     """After absl parsed the flags (it turns INFO on when --verbosity is absent): warnings and up only.
 
     tfds and orbax log through the `absl` logger, dozens of INFO lines per run and hints such as
-    OpenCV's absence; those show from -v -1 on. tfds' progress bars go too.
+    OpenCV's absence; those show from -v -1 on. tfds' progress bars go too. A failed save makes orbax
+    and asyncio log each failed write with its traceback, then orbax raises: the run's one line says
+    it (`errors.CheckpointNotWritten`), so their ERROR records show only with -v.
     """
     logging.root.setLevel(logging.WARNING)
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    # ...and tensorstore's write callbacks, finding orbax's event loop closed after the first failure,
+    # report "Event loop is closed" as an unraisable error, once per pending write.
+    report = sys.unraisablehook
+
+    def unraisable(u: Any) -> None:
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            report(u)
+
+    sys.unraisablehook = unraisable
     try:
         import tensorflow_datasets as tfds
     except ImportError:
@@ -523,14 +535,14 @@ def main(argv: list[str] | None = None) -> None:
     run = COMMANDS[command].run
     rest = [_underscore_flag_name(a) for a in args[1:]]
 
-    from maskjax.errors import ConfigError, TrainingDiverged
+    from maskjax import errors
 
     def _run(_: list[str]) -> None:
         if quiet:
             _quiet_python_logs()
         try:
             run()
-        except (UsageError, ConfigError, FileNotFoundError, TrainingDiverged) as e:  # one line, exit 1
+        except (UsageError, FileNotFoundError, *errors.ONE_LINE) as e:  # one line, exit 1
             sys.exit(f"maskjax {command}: {e}")
 
     from maskjax import distributed

@@ -120,7 +120,7 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
 
 def path_names(path: Sequence[Any]) -> list[str]:
     """A jax tree path as plain names: dict keys, attribute names, indices."""
-    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
 
 
 def param_shardings(abstract_params: Any, mesh: Mesh, rules: Rules) -> Any:

@@ -270,9 +270,6 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-_all_finite_on_device = jax.jit(all_finite)  # the save-time check: one compiled reduction, not one per leaf
-
-
 def _is_local(path: epath.Path) -> bool:
     return "://" not in str(path)
 
@@ -407,11 +404,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
         def phase_at(step: int) -> int:
             return max(i for i, (start, _) in enumerate(schedule) if start <= step)
 
-        latest = mngr.latest_step()
-        if latest is None:
+        resumed = checkpoint.restore_latest(mngr, trainer.abstract_state)
+        if resumed is None:
             state, data_state = trainer.init(), None
         else:
-            state, data_state = checkpoint.restore_state(mngr, latest, trainer.abstract_state)
+            latest, state, data_state = resumed
             print(f"resumed from step {latest}", flush=True)
 
         def enter_phase(index: int, saved: dict | None = None) -> tuple[Trainer, Any, Any]:
@@ -469,19 +466,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
                 stop = preemption.check(step)
                 if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
                     nonfinite.flush()
-                    if not bool(
-                        _all_finite_on_device(state["params"])
-                    ):  # skipped steps keep it finite: never save worse
-                        raise TrainingDiverged(f"step {step}: the parameters are not finite; not saved")
-                    checkpoint.save_state(
+                    checkpoint.save_state(  # refuses a non-finite state (TrainingDiverged)
                         mngr, step, state, {"phase": phase, "loader": loader.get_state()}, spec
                     )
                 if stop:
                     print(f"SIGTERM: saved step {step}, exiting", flush=True)
                     break
-            mngr.wait_until_finished()
+            checkpoint.finish(mngr)
         except TrainingDiverged as e:
-            mngr.wait_until_finished()  # the saves before this step are the good ones: let them complete
+            checkpoint.finish(mngr)  # the saves before this step are the good ones: let them complete
             latest = mngr.latest_step()
             where = (
                 "none yet" if latest is None else f"step {latest} in {checkpoint.checkpoints_dir(workdir)}"

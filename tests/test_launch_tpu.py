@@ -1,7 +1,8 @@
 """launch/tpu.py without gcloud: the dry-run plan of a v3-128 MAE job, hostile values passed through two real
 shells (`bash -c` of the printed line, then `bash -c` of its --command=) into a stub `maskjax`, and the real
 execution path run against a fake `gcloud` that logs its argv: it runs exactly the dry-run commands, deletes
-the slice after a failure or SIGTERM, and never deletes a slice it failed to create."""
+the slice after a failure or SIGTERM, and never deletes a slice it failed to create; against a fake spot
+slice preempted on cue, --max-restarts recreates it and reruns the same train command; gives up after N."""
 
 from __future__ import annotations
 
@@ -52,6 +53,38 @@ if "ssh" in argv and os.environ.get("FAKE_WORKER_HOME"):
     sys.exit(subprocess.call(["bash", "-c", command], env=env))
 """
 
+# A slice with a state file: `create` makes it ACTIVE, `delete` removes it (then `describe` fails, as for a
+# NOT_FOUND), and scp/ssh fail with 255 unless it is ACTIVE. The first $FAKE_PREEMPTIONS commands containing
+# $FAKE_PREEMPT_ON exit 255 and leave the slice in $FAKE_PREEMPTED_STATE ("" = gone).
+PREEMPTIBLE_GCLOUD = """
+import json, os, sys
+argv = sys.argv[1:]
+with open(os.environ["FAKE_GCLOUD_LOG"], "a") as f:
+    f.write(json.dumps(["gcloud", *argv]) + "\\n")
+path = os.environ["FAKE_SLICE"]
+with open(path) as f:
+    tpu = json.load(f)
+status = 0
+if "queued-resources" in argv and "create" in argv:
+    tpu["state"] = "ACTIVE"
+elif "queued-resources" in argv and "delete" in argv:
+    tpu["state"] = None
+elif "describe" in argv:
+    if tpu["state"] is None:
+        sys.exit(1)
+    print(tpu["state"])
+elif tpu["state"] != "ACTIVE":
+    status = 255
+elif os.environ["FAKE_PREEMPT_ON"] in " ".join(argv):
+    tpu["hits"] += 1
+    if tpu["hits"] <= int(os.environ["FAKE_PREEMPTIONS"]):
+        tpu["state"] = os.environ["FAKE_PREEMPTED_STATE"] or None
+        status = 255
+with open(path, "w") as f:
+    json.dump(tpu, f)
+sys.exit(status)
+"""
+
 # Records what `maskjax` receives on the "worker": argv, cwd and the environment the launcher promises.
 STUB_MASKJAX = """#!{python}
 import json, os, sys
@@ -94,6 +127,20 @@ def env(tmp_path) -> dict[str, str]:
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         "TMPDIR": str(tmp_path / "tmp"),
         "FAKE_GCLOUD_LOG": str(tmp_path / "gcloud.jsonl"),
+    }
+
+
+@pytest.fixture
+def spot(env, tmp_path) -> dict[str, str]:
+    """`env` with PREEMPTIBLE_GCLOUD as gcloud; no slice yet, preempted during training unless changed."""
+    executable(Path(env["PATH"].split(os.pathsep)[0]) / "gcloud", f"#!{sys.executable}\n{PREEMPTIBLE_GCLOUD}")
+    (tmp_path / "slice.json").write_text(json.dumps({"state": None, "hits": 0}))
+    return {
+        **env,
+        "FAKE_SLICE": str(tmp_path / "slice.json"),
+        "FAKE_PREEMPT_ON": "exec maskjax",
+        "FAKE_PREEMPTIONS": "1",
+        "FAKE_PREEMPTED_STATE": "SUSPENDED",
     }
 
 
@@ -259,6 +306,123 @@ def test_sigterm_during_training_deletes_the_slice(checkout, env):
     assert gcloud_calls(env)[-1][4] == "delete"
 
 
+def test_dry_run_shows_the_restart_loop_only_with_max_restarts(checkout, env):
+    args = ["run", *MAE, "--workdir=gs://b/r", "--spot", f"--source={checkout}", "--dry-run"]
+    once = launch(*args, env=env)
+    assert once.returncode == 0, once.stderr
+    once_notes = " ".join(line for line in once.stdout.splitlines() if line[:4] in ("# 5.", "# 6.", "# 7."))
+    assert once_notes.startswith("# 5. train") and "# 6. delete the slice" in once_notes  # the last step
+    assert "preempt" not in once_notes and "repeat steps" not in once_notes and "restart" not in once_notes
+    looped = launch(*args, "--max-restarts=2", env=env)
+    assert looped.returncode == 0, looped.stderr
+    commands = printed_commands(looped.stdout)
+    assert commands[:5] + commands[-1:] == printed_commands(once.stdout)
+    check, restart = commands[5:7]
+    assert check == commands[1] and restart == commands[-1]  # a state describe, a delete
+    notes = [line for line in looped.stdout.splitlines() if line.startswith("# ")]
+    assert notes[-3].startswith("# 6. only if step 2, 3, 4 or 5 fails: the slice's state; ACTIVE")
+    assert "SUSPENDED" in notes[-3] and "PREEMPTED" in notes[-3] and "go on with 7" in notes[-3]
+    assert notes[-2].startswith("# 7. only after a preemption: delete what is left of the slice")
+    assert "repeat steps 1-6 with the same train command and workdir" in notes[-2]
+    assert "at most 2 restarts (--max-restarts)" in notes[-2]
+    # With --reuse the probe comes first and is not part of the loop.
+    reused = launch(*args, "--max-restarts=1", "--reuse", env=env).stdout
+    assert "repeat steps 2-7 (--reuse: a new slice, no probe)" in reused and "at most 1 restart " in reused
+
+
+def train_calls(calls: list[list[str]]) -> list[list[str]]:
+    return [c for c in calls if "exec maskjax" in " ".join(c)]
+
+
+@pytest.mark.parametrize("state", ["SUSPENDED", "PREEMPTED"])
+def test_a_preempted_run_is_recreated_and_resumed_with_the_same_command(checkout, spot, state):
+    spot["FAKE_PREEMPTED_STATE"] = state
+    args = ["run", *MAE, "--workdir=gs://b/r", "--spot", f"--source={checkout}", "--max-restarts=2"]
+    create, wait, copy, install, train, check, restart, delete = printed_commands(
+        launch(*args, "--dry-run", env=spot).stdout
+    )
+    done = launch(*args, "--poll-seconds=0", env=spot)
+    assert done.returncode == 0, done.stderr
+    calls = gcloud_calls(spot)
+    assert calls == [
+        create,
+        wait,
+        copy,
+        install,
+        train,
+        check,
+        restart,
+        create,
+        wait,
+        copy,
+        install,
+        train,
+        delete,
+    ]
+    first, second = train_calls(calls)
+    assert first == second and "--workdir=gs://b/r" in remote_command(second)
+    assert f"preempted (state {state}) during train: restart 1/2" in done.stderr
+
+
+def test_preempted_every_time_gives_up_after_max_restarts(checkout, spot):
+    spot["FAKE_PREEMPTIONS"] = "99"
+    args = ["run", *MAE, "--workdir=gs://b/r", "--spot", f"--source={checkout}", "--max-restarts=1"]
+    create, wait, copy, install, train, check, restart, delete = printed_commands(
+        launch(*args, "--dry-run", env=spot).stdout
+    )
+    done = launch(*args, "--poll-seconds=0", env=spot)
+    assert done.returncode == 1
+    calls = gcloud_calls(spot)
+    assert len(train_calls(calls)) == 2
+    attempt = [create, wait, copy, install, train, check]
+    assert calls == [*attempt, restart, *attempt, delete]
+    assert "restart 1/1" in done.stderr and "restart 2/" not in done.stderr
+    assert "preempted (state SUSPENDED) during train, and all 1 restarts (--max-restarts) are used up" in (
+        done.stderr
+    )
+
+
+def test_a_failure_on_an_active_slice_is_not_retried(checkout, spot):
+    spot["FAKE_PREEMPTED_STATE"] = "ACTIVE"  # the program itself fails (e.g. a config error)
+    args = ["run", *MAE, "--workdir=gs://b/r", "--spot", f"--source={checkout}", "--max-restarts=3"]
+    create, wait, copy, install, train, check, restart, delete = printed_commands(
+        launch(*args, "--dry-run", env=spot).stdout
+    )
+    done = launch(*args, "--poll-seconds=0", env=spot)
+    assert done.returncode == 255
+    assert gcloud_calls(spot) == [create, wait, copy, install, train, check, delete]
+    assert "the slice is ACTIVE: the failure is the program's own, not retried" in done.stderr
+    assert "restart" not in done.stderr
+
+
+def test_a_slice_gone_during_install_is_recreated_also_with_reuse(checkout, spot, tmp_path):
+    (tmp_path / "slice.json").write_text(json.dumps({"state": "ACTIVE", "hits": 0}))  # it exists: reused
+    spot["FAKE_PREEMPT_ON"] = "tar -xzf"
+    spot["FAKE_PREEMPTED_STATE"] = ""  # the node vanishes
+    args = ["run", *MAE, "--workdir=gs://b/r", f"--source={checkout}", "--reuse", "--max-restarts=1"]
+    probe, create, wait, copy, install, train, check, restart, delete = printed_commands(
+        launch(*args, "--dry-run", env=spot).stdout
+    )
+    done = launch(*args, "--poll-seconds=0", env=spot)
+    assert done.returncode == 0, done.stderr
+    tries = [install] * tpu.RETRIES
+    # Nothing left to delete: the restart goes straight to a new create.
+    assert gcloud_calls(spot) == [
+        probe,
+        wait,
+        copy,
+        *tries,
+        check,
+        create,
+        wait,
+        copy,
+        install,
+        train,
+        delete,
+    ]
+    assert "preempted (the slice is gone) during install: restart 1/1" in done.stderr
+
+
 @pytest.mark.parametrize(
     ("flag", "bad", "says"),
     [
@@ -271,6 +435,8 @@ def test_sigterm_during_training_deletes_the_slice(checkout, env):
         ("--config", "--config=configs/missing.py", "--config=configs/missing.py: no such file"),
         (None, "--bogus=1", "unrecognized argument '--bogus=1': after the launcher's flags only config"),
         (None, "--env=1X=y", "--env='1X=y' is not valid: expected KEY=VALUE"),
+        (None, "--max-restarts=-1", "--max-restarts='-1' is not valid: expected an integer >= 0"),
+        (None, "--max-restarts=two", "--max-restarts='two' is not valid: expected an integer >= 0"),
     ],
 )
 def test_bad_values_are_refused_naming_the_flag(checkout, capsys, flag, bad, says):

@@ -17,8 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
-from tiny_configs import tiny
+from tiny_configs import config_file, tiny
+from tiny_configs import train_command as _train
 
 from maskjax import train
 from maskjax.data import image_datasets
@@ -44,23 +47,6 @@ def _env(devices: int | None = None, **extra: str) -> dict[str, str]:
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"
     return {**env, **extra}
-
-
-def _config_file(tmp_path: Path, data_dir: Path, **overrides) -> Path:
-    path = tmp_path / "mae_config.py"
-    path.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from pathlib import Path\n"
-        "from tiny_configs import tiny\n\n"
-        "def get_config():\n"
-        f"    return tiny('mae', Path({str(data_dir)!r}), **{overrides!r})\n"
-    )
-    return path
-
-
-def _train(config: Path, workdir: Path) -> list[str]:
-    return [sys.executable, "-m", "maskjax", "train", f"--config={config}", f"--workdir={workdir}"]
 
 
 def _rows(workdir: Path) -> list[dict]:
@@ -97,7 +83,7 @@ def reference(data_dir, tmp_path_factory) -> dict[int, float]:
 
 def test_2x4_processes_match_1x8_and_resume_on_1x4(data_dir, reference, tmp_path):
     workdir = tmp_path / "run"
-    first = _config_file(tmp_path, data_dir, total_steps=FIRST, eval_every=100, checkpoint_every=FIRST)
+    first = config_file(tmp_path, "mae", data_dir, total_steps=FIRST, eval_every=100, checkpoint_every=FIRST)
     launched = subprocess.run(
         [*LAUNCH, "--processes=2", "--devices-per-process=4", "--", *_train(first, workdir)],
         env=_env(devices=8),  # the launcher must override the 8 host devices conftest asks for
@@ -126,7 +112,7 @@ def test_2x4_processes_match_1x8_and_resume_on_1x4(data_dir, reference, tmp_path
         assert two_by_four[s] == pytest.approx(reference[s], rel=1e-6), (s, two_by_four[s], reference[s])
 
     # The 2-process checkpoint, resumed by a single process with 4 devices.
-    rest = _config_file(tmp_path, data_dir, total_steps=TOTAL, eval_every=100, checkpoint_every=100)
+    rest = config_file(tmp_path, "mae", data_dir, total_steps=TOTAL, eval_every=100, checkpoint_every=100)
     resumed = subprocess.run(
         _train(rest, workdir), env=_env(devices=4), capture_output=True, text=True, timeout=600
     )
@@ -165,7 +151,9 @@ def _wait_for(path: Path, procs: list[subprocess.Popen], timeout: float = 300) -
 
 
 def test_a_killed_process_stops_the_launched_job(data_dir, tmp_path):
-    config = _config_file(tmp_path, data_dir, total_steps=10_000, eval_every=10_000, checkpoint_every=10_000)
+    config = config_file(
+        tmp_path, "mae", data_dir, total_steps=10_000, eval_every=10_000, checkpoint_every=10_000
+    )
     workdir = tmp_path / "run"
     launcher, pids = _start_launcher(_train(config, workdir), tmp_path / "log.txt", grace=2)
     try:
@@ -188,7 +176,9 @@ def test_a_killed_process_stops_the_launched_job(data_dir, tmp_path):
 
 def test_sigterm_to_one_process_stops_every_process_at_the_same_step(data_dir, tmp_path):
     """As when one host of a pod is preempted: all save the same step, jointly, and exit 0."""
-    config = _config_file(tmp_path, data_dir, total_steps=10_000, eval_every=10_000, checkpoint_every=10_000)
+    config = config_file(
+        tmp_path, "mae", data_dir, total_steps=10_000, eval_every=10_000, checkpoint_every=10_000
+    )
     workdir, log = tmp_path / "run", tmp_path / "log.txt"
     launcher, pids = _start_launcher(_train(config, workdir), log)
     try:
@@ -232,7 +222,7 @@ def _free_port() -> int:
 
 
 def test_a_process_whose_peer_never_comes_exits_with_an_error(data_dir, tmp_path):
-    config, log = _config_file(tmp_path, data_dir), tmp_path / "p0.txt"
+    config, log = config_file(tmp_path, "mae", data_dir), tmp_path / "p0.txt"
     alone = _by_hand(_train(config, tmp_path / "run"), 0, _free_port(), log, MASKJAX_INIT_TIMEOUT="3")
     alone.wait(timeout=120)
     assert alone.returncode != 0, log.read_text()[-3000:]
@@ -246,7 +236,9 @@ def test_a_process_whose_peer_dies_exits_with_an_error(death, data_dir, tmp_path
     A peer failing with an exception must end at once too, not in JAX's graceful shutdown, which
     would wait up to MASKJAX_SHUTDOWN_TIMEOUT for a survivor that is itself waiting for it.
     """
-    config = _config_file(tmp_path, data_dir, total_steps=10_000, eval_every=10_000, checkpoint_every=10_000)
+    config = config_file(
+        tmp_path, "mae", data_dir, total_steps=10_000, eval_every=10_000, checkpoint_every=10_000
+    )
     workdir, port = tmp_path / "run", _free_port()
     commands = [_train(config, workdir), _train(config, workdir)]
     if death == "exception":
@@ -268,3 +260,74 @@ def test_a_process_whose_peer_dies_exits_with_an_error(death, data_dir, tmp_path
             p.wait()
     assert procs[1].returncode != 0 and procs[0].returncode != 0, (tmp_path / "p0.txt").read_text()[-3000:]
     assert took < 60, f"the processes needed {took:.0f}s to give up"
+
+
+def _launch_2x4(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*LAUNCH, "--processes=2", "--devices-per-process=4", "--", *command],
+        env=_env(devices=8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_2x4_processes_skip_and_stop_together_when_the_run_diverges(data_dir, tmp_path):
+    """lr 1e4: the loss is global, so both processes skip the same steps and stop at the same step,
+    each with the one line naming it; the last finite checkpoint restores with finite parameters."""
+    config = config_file(
+        tmp_path,
+        "mae",
+        data_dir,
+        total_steps=30,
+        checkpoint_every=1,
+        keep_checkpoints=2,
+        eval_every=1000,
+        **{"schedule.warmup_steps": 1, "optimizer.base_lr": 1e4},
+    )
+    workdir = tmp_path / "run"
+    launched = _launch_2x4(_train(config, workdir))
+    out = launched.stdout
+    assert launched.returncode == 1, out[-5000:]
+    assert "Traceback" not in out, out[-5000:]
+    stops = dict(
+        re.findall(r"^\[(p\d)\] maskjax train: step (\d+): the (?:loss|gradient) is not finite", out, re.M)
+    )
+    assert stops.keys() == {"p0", "p1"} and stops["p0"] == stops["p1"], out[-5000:]
+    stop = int(stops["p0"])
+    # Each process logged the same steps, and none reached the stop (its flags are read before its line).
+    for p in ("p0", "p1"):
+        steps = [int(s) for s in re.findall(rf"^\[{p}\] step (\d+)/30 ", out, re.M)]
+        assert steps == list(range(1, stop)), (p, steps)
+    last = int(re.search(r"the last finite checkpoint: step (\d+)", out).group(1))
+    assert last < stop
+    from maskjax import checkpoint
+
+    _, _, params = checkpoint.load_params(workdir, last)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    skipped = [r["skipped_steps"] for r in _rows(workdir) if "skipped_steps" in r]
+    assert skipped[-1] >= 2
+
+
+def test_2x4_processes_fall_back_together_from_a_damaged_checkpoint(data_dir, tmp_path):
+    """Step 4's parameters, written by two processes, damaged on disk: both processes read the same
+    verdict (the fingerprints are of the global arrays), resume from step 2 and train on."""
+    workdir = tmp_path / "run"
+    first = config_file(tmp_path, "mae", data_dir, total_steps=4, checkpoint_every=2, eval_every=1000)
+    assert _launch_2x4(_train(first, workdir)).returncode == 0
+    for i, path in enumerate(sorted((workdir / "checkpoints" / "4" / "params").rglob("d/*"))):
+        size = path.stat().st_size
+        with open(path, "r+b") as f:
+            f.seek(size // 4)
+            f.write(np.random.default_rng(i).bytes(size // 2))
+    longer = config_file(tmp_path, "mae", data_dir, total_steps=6, checkpoint_every=2, eval_every=1000)
+    launched = _launch_2x4(_train(longer, workdir))
+    out = launched.stdout
+    assert launched.returncode == 0, out[-5000:]
+    assert re.search(r"^\[p0\] checkpoint step 4 is damaged \(params.*; trying step 2$", out, re.M), out[
+        -5000:
+    ]
+    for p in ("p0", "p1"):
+        assert re.search(rf"^\[{p}\] resumed from step 2$", out, re.M), out[-5000:]
+        assert re.search(rf"^\[{p}\] step 6/6 ", out, re.M), out[-5000:]
+    assert [p.name.split("-")[0] for p in (workdir / "checkpoints-damaged").iterdir()] == ["4"]

@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from tiny_configs import FAMILIES, tiny
+from tiny_configs import config_file as _config_file
+from tiny_configs import train_command as _train_command
 
 from maskjax import config as config_lib
 from maskjax import train
@@ -124,24 +125,6 @@ def test_gradient_accumulation_remat_unrolled_bf16_switches(data_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------- the CLI, as a user runs it
-
-
-def _config_file(tmp_path: Path, family: str, data_dir: Path, **overrides) -> Path:
-    path = tmp_path / f"{family}_config.py"
-    tests = Path(__file__).parent
-    path.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(tests)!r})\n"
-        "from pathlib import Path\n"
-        "from tiny_configs import tiny\n\n"
-        "def get_config():\n"
-        f"    return tiny({family!r}, Path({str(data_dir)!r}), **{overrides!r})\n"
-    )
-    return path
-
-
-def _train_command(config: Path, workdir: Path) -> list[str]:
-    return [sys.executable, "-m", "maskjax", "train", f"--config={config}", f"--workdir={workdir}"]
 
 
 def _run_until(command: list[str], until, sig: int) -> subprocess.Popen:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import ml_collections
@@ -53,3 +54,22 @@ def tiny(family: str, data_dir: Path, /, **overrides) -> ml_collections.ConfigDi
             target = target[p]
         target[leaf] = value
     return c
+
+
+def config_file(tmp_path: Path, family: str, data_dir: Path, **overrides) -> Path:
+    """A config file for `maskjax train --config=...` that returns tiny(family, data_dir, **overrides)."""
+    path = tmp_path / f"{family}_config.py"
+    path.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from pathlib import Path\n"
+        "from tiny_configs import tiny\n\n"
+        "def get_config():\n"
+        f"    return tiny({family!r}, Path({str(data_dir)!r}), **{overrides!r})\n"
+    )
+    return path
+
+
+def train_command(config: Path, workdir: Path) -> list[str]:
+    """`maskjax train` as a user runs it, in a fresh interpreter."""
+    return [sys.executable, "-m", "maskjax", "train", f"--config={config}", f"--workdir={workdir}"]
