@@ -483,13 +483,15 @@ def _quiet_python_logs() -> None:
     """After absl parsed the flags (it turns INFO on when --verbosity is absent): warnings and up only.
 
     tfds and orbax log through the `absl` logger, dozens of INFO lines per run and hints such as
-    OpenCV's absence; those show from -v -1 on. tfds' progress bars go too. A failed save makes orbax
-    and asyncio log each failed write with its traceback, then orbax raises: the run's one line says
-    it (`errors.CheckpointNotWritten`), so their ERROR records show only with -v.
+    OpenCV's absence; those show from -v -1 on. tfds' progress bars go too. A failed save or restore
+    makes orbax log each failed write or read with its traceback (and asyncio each orbax task left
+    with it), then orbax raises and maskjax says it in one line (`errors.CheckpointNotWritten`,
+    `errors.CheckpointDamaged`): those records, and only those, show only with -v.
     """
     logging.root.setLevel(logging.WARNING)
-    logging.getLogger("absl").setLevel(logging.CRITICAL)
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("absl").addFilter(lambda r: "/orbax/" not in r.pathname)
+    logging.getLogger("asyncio").addFilter(lambda r: "/orbax/" not in r.getMessage())
     # ...and tensorstore's write callbacks, finding orbax's event loop closed after the first failure,
     # report "Event loop is closed" as an unraisable error, once per pending write.
     report = sys.unraisablehook

@@ -19,6 +19,8 @@ of N processes on this machine (`launch/local.py`), or on every host of a pod
                                   dead and every survivor exits non-zero (default 100).
   MASKJAX_SHUTDOWN_TIMEOUT=S      seconds a finished process waits for the others at exit
                                   (default 300).
+  MASKJAX_VOTE_TIMEOUT=S          seconds a process waits for the others' word on whether a
+                                  checkpoint read back intact (default 300; maskjax.checkpoint).
 
 A peer that dies never leaves the others hanging. Process 0 hosts the coordination
 service: when it dies the others abort at once. Another process that dies is
@@ -41,6 +43,11 @@ from collections.abc import Iterator
 import jax
 
 PREFIX = "MASKJAX_"
+
+
+def vote_timeout() -> int:
+    """Seconds to wait for every process's vote on a checkpoint read (MASKJAX_VOTE_TIMEOUT)."""
+    return _int_env("VOTE_TIMEOUT", 300)
 
 
 def _int_env(name: str, default: int | None = None) -> int | None:

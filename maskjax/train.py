@@ -12,6 +12,7 @@ it only through `maskjax.methods.Method`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from maskjax import checkpoint, evaluators, methods, models, optim, sharding
 from maskjax import config as config_lib
 from maskjax.data import loaders
-from maskjax.errors import TrainingDiverged
+from maskjax.errors import CheckpointNotWritten, TrainingDiverged
 
 
 class Trainer:
@@ -246,19 +247,20 @@ class _NonFinite:
         if previous is not None:
             self._count(*previous)
 
-    def flush(self) -> None:
+    def flush(self, stopping: bool = False) -> None:
+        """Count the last step's flags; `stopping`: only count (the run is stopping already)."""
         if self.pending is not None:
             previous, self.pending = self.pending, None
-            self._count(*previous)
+            self._count(*previous, stopping)
 
-    def _count(self, step: int, bad_loss: jax.Array, bad_grads: jax.Array) -> None:
+    def _count(self, step: int, bad_loss: jax.Array, bad_grads: jax.Array, stopping: bool = False) -> None:
         bad_loss, bad_grads = bool(bad_loss), bool(bad_grads)
         if not (bad_loss or bad_grads):
             self.in_a_row = 0
             return
         self.in_a_row += 1
         self.total += 1
-        if self.in_a_row >= self.limit:
+        if self.in_a_row >= self.limit and not stopping:
             raise TrainingDiverged(
                 f"step {step}: the {'loss' if bad_loss else 'gradient'} is not finite, "
                 f"{self.in_a_row} steps in a row (max_nonfinite_steps={self.limit}); those steps were skipped"
@@ -474,7 +476,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
                     break
             checkpoint.finish(mngr)
         except TrainingDiverged as e:
-            checkpoint.finish(mngr)  # the saves before this step are the good ones: let them complete
+            # Skipped steps left the state as it was before them. If some step since the last save did
+            # update it, save that last good state at this step (the data position past the bad batches);
+            # if none did, the last save holds it already, and saving again would only rotate an older
+            # checkpoint away. save_state refuses a state that is itself not finite.
+            nonfinite.flush(stopping=True)  # the step after the one that stopped the run, if dispatched
+            try:
+                checkpoint.finish(mngr)
+                saved = mngr.latest_step() or 0
+                if step - nonfinite.in_a_row > saved and saved != step:
+                    with contextlib.suppress(TrainingDiverged):
+                        checkpoint.save_state(
+                            mngr, step, state, {"phase": phase, "loader": loader.get_state()}, spec
+                        )
+                        checkpoint.finish(mngr)
+            except CheckpointNotWritten as failed:
+                raise TrainingDiverged(f"{e}; and {failed}") from None
             latest = mngr.latest_step()
             where = (
                 "none yet" if latest is None else f"step {latest} in {checkpoint.checkpoints_dir(workdir)}"

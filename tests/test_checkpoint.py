@@ -12,19 +12,27 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from maskjax import checkpoint
 
 
+def _mix(h: int) -> int:
+    """MurmurHash3's 32-bit finalizer, in Python integers."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) % 2**32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) % 2**32
+    return h ^ (h >> 16)
+
+
 def _reference(x: np.ndarray) -> list[int]:
-    """The docstring's formula in plain numpy and Python integers: h1 = sum b_i (2i+1),
-    h2 = sum b_i (2 (i * 0x9E3779B1 mod 2**32) + 1), both mod 2**32, b_i the element's bits."""
+    """The docstring's formula in plain numpy and Python integers: h_k = sum_i mix(b_i ^ mix(i ^ seed_k))
+    mod 2**32, b_i the element's bits, seeds 0x9E3779B9 and 0x7F4A7C15."""
     if x.dtype == np.bool_:
         bits = x.astype(np.uint64).ravel()
     else:
         unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[x.dtype.itemsize]
         bits = np.ascontiguousarray(x).view(unsigned).astype(np.uint64).ravel()
-    h1 = h2 = 0
-    for i, b in enumerate(bits.tolist()):
-        h1 += b * (2 * i + 1)
-        h2 += b * (2 * ((i * 0x9E3779B1) % 2**32) + 1)
-    return [h1 % 2**32, h2 % 2**32]
+    return [
+        sum(_mix(b ^ _mix(i ^ seed)) for i, b in enumerate(bits.tolist())) % 2**32
+        for seed in (0x9E3779B9, 0x7F4A7C15)
+    ]
 
 
 CASES = {
@@ -60,16 +68,22 @@ def test_any_one_flipped_bit_changes_the_fingerprint(name):
         flat[i] ^= unsigned(1) << unsigned(bit)
         damaged = flat.view(x.dtype).reshape(x.shape)
         after = checkpoint.fingerprints({"x": jnp.asarray(damaged)})[1]["x"]
-        assert after[0] != before[0], (i, bit)  # h1 alone always sees one changed element
+        assert after[0] != before[0] and after[1] != before[1], (i, bit)  # each sum sees one change
 
 
-def test_swapped_elements_change_the_fingerprint():
-    x = CASES["float32"]
-    swapped = x.copy().ravel()
-    swapped[[2, 9]] = swapped[[9, 2]]
-    a = checkpoint.fingerprints({"x": jnp.asarray(x)})[1]
-    b = checkpoint.fingerprints({"x": jnp.asarray(swapped.reshape(x.shape))})[1]
-    assert a != b
+def test_moved_swapped_or_negated_elements_change_the_fingerprint():
+    """Damage that keeps the multiset of bits (a shuffled copy) or their plain sum (a value and its
+    negation trading places; two halves trading places) must show too."""
+    x = np.random.default_rng(9).normal(size=(64, 32)).astype(np.float32)
+    x[3, 4], x[40, 1] = 1.5, -1.5
+    base = checkpoint.fingerprints({"x": jnp.asarray(x)})[1]["x"]
+    swapped = x.copy()
+    swapped[3, 4], swapped[40, 1] = x[40, 1], x[3, 4]
+    halves = np.concatenate([x[32:], x[:32]])
+    rolled = np.roll(x, 1, axis=1)
+    for damaged in (swapped, halves, rolled):
+        now = checkpoint.fingerprints({"x": jnp.asarray(damaged)})[1]["x"]
+        assert now[0] != base[0] and now[1] != base[1]
 
 
 def test_the_fingerprint_does_not_depend_on_the_mesh():

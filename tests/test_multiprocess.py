@@ -299,8 +299,9 @@ def test_2x4_processes_skip_and_stop_together_when_the_run_diverges(data_dir, tm
     for p in ("p0", "p1"):
         steps = [int(s) for s in re.findall(rf"^\[{p}\] step (\d+)/30 ", out, re.M)]
         assert steps == list(range(1, stop)), (p, steps)
+    # The state the skipped steps left alone is saved at the stop.
     last = int(re.search(r"the last finite checkpoint: step (\d+)", out).group(1))
-    assert last < stop
+    assert last == stop
     from maskjax import checkpoint
 
     _, _, params = checkpoint.load_params(workdir, last)
@@ -331,3 +332,49 @@ def test_2x4_processes_fall_back_together_from_a_damaged_checkpoint(data_dir, tm
         assert re.search(rf"^\[{p}\] resumed from step 2$", out, re.M), out[-5000:]
         assert re.search(rf"^\[{p}\] step 6/6 ", out, re.M), out[-5000:]
     assert [p.name.split("-")[0] for p in (workdir / "checkpoints-damaged").iterdir()] == ["4"]
+
+
+def test_damage_that_one_process_alone_reads_ends_the_job_and_the_rerun_falls_back(data_dir, tmp_path):
+    """Parameters sharded over both processes (fsdp 8): step 4's shards of process 1, damaged, fail
+    to read on process 1 alone, while process 0 reads its own and waits in orbax's restore. No
+    fallback can reach process 0 there: the job must end (never hang) with process 1's one line,
+    which names the step and moves it aside, so that the rerun resumes from step 2."""
+    workdir = tmp_path / "run"
+    mesh = {"data": 1, "fsdp": 8, "tensor": 1}
+    first = config_file(
+        tmp_path, "mae", data_dir, total_steps=4, checkpoint_every=2, eval_every=1000, mesh=mesh
+    )
+    assert _launch_2x4(_train(first, workdir)).returncode == 0
+    own = sorted((workdir / "checkpoints" / "4" / "params" / "ocdbt.process_1").rglob("d/*"))
+    assert own, "process 1 wrote no shards of its own"
+    for i, path in enumerate(own):
+        size = path.stat().st_size
+        with open(path, "r+b") as f:
+            f.seek(size // 4)
+            f.write(np.random.default_rng(i).bytes(size // 2))
+    longer = config_file(
+        tmp_path, "mae", data_dir, total_steps=6, checkpoint_every=2, eval_every=1000, mesh=mesh
+    )
+    started = time.monotonic()
+    launched = subprocess.run(
+        [*LAUNCH, "--processes=2", "--devices-per-process=4", "--grace=5", "--", *_train(longer, workdir)],
+        env=_env(devices=8, MASKJAX_VOTE_TIMEOUT="10", MASKJAX_HEARTBEAT_TIMEOUT="10"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = launched.stdout
+    assert launched.returncode != 0 and time.monotonic() - started < 240, out[-5000:]
+    line = re.search(
+        r"^\[p1\] maskjax train: checkpoint step 4 is damaged \(params cannot be read: .*$", out, re.M
+    )
+    assert line, out[-5000:]
+    assert "on process 1, and process 0 did not answer within 10 s" in line.group(0)
+    assert "moved damaged step 4 to " in line.group(0) and "resumes from an earlier step" in line.group(0)
+    assert [p.name.split("-")[0] for p in (workdir / "checkpoints-damaged").iterdir()] == ["4"]
+
+    rerun = _launch_2x4(_train(longer, workdir))
+    assert rerun.returncode == 0, rerun.stdout[-5000:]
+    for p in ("p0", "p1"):
+        assert re.search(rf"^\[{p}\] resumed from step 2$", rerun.stdout, re.M), rerun.stdout[-5000:]
+        assert re.search(rf"^\[{p}\] step 6/6 ", rerun.stdout, re.M), rerun.stdout[-5000:]

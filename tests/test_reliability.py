@@ -172,18 +172,19 @@ def _can_mount_a_small_filesystem() -> bool:
 def test_a_full_disk_stops_the_run_in_one_line_and_the_last_checkpoint_restores(
     data_dir, first_run, tmp_path
 ):
-    """checkpoints/ on a tmpfs (in a mount namespace of its own) with room for two steps, not three:
-    saving step 12 fails. The run must stop naming step 12, the reason and the intact step 8; a copy of
-    what is on the small disk then resumes from step 8 with the same losses as an uninterrupted run."""
-    step_bytes = sum(p.stat().st_size for p in (first_run / "checkpoints" / "8").rglob("*") if p.is_file())
+    """The 8-step run's checkpoints/ on a tmpfs of its own (in a mount namespace), filled to the last
+    byte, then the run continued to 16: saving step 12 fails. The run must stop naming step 12, the
+    reason and the intact step 8; what is on the full disk then resumes from step 8, on a disk with
+    room, with the losses of the same continuation on a disk that never filled up."""
     config = config_file(tmp_path, "mae", data_dir, **{**FIRST, "total_steps": 16})
-    workdir, kept = tmp_path / "run", tmp_path / "kept"
-    (workdir / "checkpoints").mkdir(parents=True)
+    workdir, kept = _copy(first_run, tmp_path), tmp_path / "kept"
     small = shlex.quote(str(workdir / "checkpoints"))
     inside = (
-        f"mount -t tmpfs -o size={int(2.4 * step_bytes) // 1024}k tmpfs {small}"
+        f"mount -t tmpfs -o size=16m tmpfs {small}"
+        f" && cp -a {shlex.quote(str(first_run / 'checkpoints'))}/. {small}"
+        f" && (dd if=/dev/zero of={small}/filler bs=4k 2>/dev/null; true)"
         f" && {shlex.join(train_command(config, workdir))}; echo exit=$? >&2;"
-        f" cp -a {small} {shlex.quote(str(kept))}"
+        f" rm {small}/filler; cp -a {small} {shlex.quote(str(kept))}"
     )
     result = _run("unshare", "-rm", "sh", "-c", inside)
     assert "exit=1" in result.stderr, result.stderr[-3000:]
@@ -213,7 +214,36 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_last_checkpoint_restores(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 8" in resumed.stdout
     assert not any(".orbax-checkpoint-tmp" in p.name for p in (resumed_dir / "checkpoints").iterdir())
-    straight = tmp_path / "straight"
-    subprocess.run(train_command(config, straight), check=True, capture_output=True, timeout=600)
-    expected, got = _losses(straight), _losses(resumed_dir)
+    # The same continuation on a disk that never filled up: the same losses, to the bit.
+    roomy = tmp_path / "roomy"
+    shutil.copytree(first_run, roomy)
+    subprocess.run(train_command(config, roomy), check=True, capture_output=True, timeout=600)
+    expected, got = _losses(roomy), _losses(resumed_dir)
     assert sorted(got) == list(range(9, 17)) and all(got[s] == expected[s] for s in got), (got, expected)
+
+
+def test_a_lost_fingerprint_item_counts_as_damage(data_dir, first_run, tmp_path):
+    """A partial sync that dropped step 8's integrity folder: orbax's record of the step still names
+    the item, so the step is not taken for an old one without fingerprints."""
+    workdir = _copy(first_run, tmp_path)
+    shutil.rmtree(workdir / "checkpoints" / "8" / "integrity")
+    result = _run(
+        *train_command(config_file(tmp_path, "mae", data_dir, **{**FIRST, "total_steps": 10}), workdir)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint step 8 is damaged (integrity cannot be read" in result.stdout, result.stdout
+    assert "resumed from step 4" in result.stdout and "not verified" not in result.stdout
+
+
+def test_a_config_that_builds_other_shapes_is_a_config_error_not_damage(data_dir, first_run, tmp_path):
+    workdir = _copy(first_run, tmp_path)
+    other = config_file(tmp_path, "mae", data_dir, **{**FIRST, "model.mlp_dim": 48})
+    result = _run(*train_command(other, workdir))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert (
+        line.startswith("maskjax train: checkpoint step 8 holds params/") and "resume with the config" in line
+    )
+    assert "float32[64," in line or "float32[32, 64]" in line or "64" in line, line
+    assert "damaged" not in result.stdout and not (workdir / "checkpoints-damaged").exists()
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "8"]
