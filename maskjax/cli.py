@@ -13,9 +13,11 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
 import textwrap
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
 from absl import app, flags
@@ -170,6 +172,10 @@ def _compile() -> None:
         sys.exit(1)
 
 
+# A transformers directory's tokenizer files, as maskjax.data.tokenizers.load reads them.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt")
+
+
 def _import_hf_flags() -> None:
     flags.DEFINE_string("hf_dir", None, "Directory of a transformers checkpoint (config.json + weights).")
     flags.DEFINE_string("out", None, "maskjax workdir to write the checkpoint into.")
@@ -187,6 +193,13 @@ def _import_hf() -> None:
         raise UsageError(f"--hf-dir={FLAGS.hf_dir}: {e}") from None
     path = checkpoint.save_params(FLAGS.out, imported.family, imported.config, imported.params)
     print(f"{imported.family}: wrote {path}")
+    # The tokenizer travels with the weights, for fill-mask and generate.
+    files = [f for f in TOKENIZER_FILES if (Path(FLAGS.hf_dir) / f).is_file()]
+    if files:
+        (Path(FLAGS.out) / "tokenizer").mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copyfile(Path(FLAGS.hf_dir) / f, Path(FLAGS.out) / "tokenizer" / f)
+        print(f"  tokenizer: {Path(FLAGS.out) / 'tokenizer'} ({', '.join(files)})")
     for name in imported.missing:
         print(f"  not in the checkpoint, freshly initialised: {name}")
     for key, value in imported.masking.items():  # training settings: the user's config sets them
@@ -211,6 +224,82 @@ def _export_hf() -> None:
     masking = json.loads(run_config.read_text()).get("masking") if run_config.exists() else None
     out = interop.save_hf(family, cfg, params, FLAGS.out, masking=masking)
     print(f"{family}: wrote {out}")
+
+
+def _fill_mask_flags() -> None:
+    flags.DEFINE_string(
+        "workdir", None, "maskjax workdir of a BERT or RoBERTa checkpoint (trained or imported)."
+    )
+    flags.DEFINE_string("text", None, "Text with one or more [MASK] (RoBERTa: <mask>) tokens.")
+    flags.DEFINE_integer("top_k", 5, "How many tokens to list for each mask.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest intact one).")
+    flags.DEFINE_string("tokenizer", None, "Tokenizer folder (default: WORKDIR/tokenizer).")
+    flags.DEFINE_bool("json", False, "Print the result as JSON (token ids, tokens, probabilities).")
+
+
+def _fill_mask() -> None:
+    from maskjax import infer
+
+    if not FLAGS.workdir or FLAGS.text is None:
+        raise UsageError('fill-mask needs --workdir=DIR and --text="... [MASK] ..."')
+    if FLAGS.top_k < 1:
+        raise UsageError(f"--top-k={FLAGS.top_k} is invalid: must be >= 1")
+    tok = infer.tokenizer_of(FLAGS.workdir, FLAGS.tokenizer)
+    model, _ = infer.load(FLAGS.workdir, ("bert", "roberta"), FLAGS.step)
+    try:
+        masks = infer.fill_mask(model, tok, FLAGS.text, FLAGS.top_k)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if FLAGS.json:
+        print(json.dumps({"text": FLAGS.text, "masks": masks}, indent=2))
+        return
+    for i, rows in enumerate(masks):
+        print(f"mask {i + 1}:")
+        for r in rows:
+            print(f"  {r['score']:.4f}  {r['token']:<16}  {r['sequence']}")
+
+
+def _generate_flags() -> None:
+    flags.DEFINE_string("workdir", None, "maskjax workdir of a GPT-2 checkpoint (trained or imported).")
+    flags.DEFINE_string("prompt", None, "The text to continue.")
+    flags.DEFINE_integer("max_new_tokens", 50, "Tokens to generate at most (fewer if <|endoftext|> comes).")
+    flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 = greedy (argmax).")
+    flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens only (0: all).")
+    flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set of tokens holding this probability.")
+    flags.DEFINE_integer("seed", 0, "Seed of the sampling.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest intact one).")
+    flags.DEFINE_string("tokenizer", None, "Tokenizer folder (default: WORKDIR/tokenizer).")
+    flags.DEFINE_bool("json", False, "Print the result as JSON (prompt and new token ids, text).")
+
+
+def _generate() -> None:
+    from maskjax import infer
+
+    if not FLAGS.workdir or FLAGS.prompt is None:
+        raise UsageError('generate needs --workdir=DIR and --prompt="..."')
+    tok = infer.tokenizer_of(FLAGS.workdir, FLAGS.tokenizer)
+    model, _ = infer.load(FLAGS.workdir, ("gpt",), FLAGS.step)
+    prompt = tok.encode(FLAGS.prompt)
+    try:
+        new = infer.generate(
+            model,
+            prompt,
+            max_new_tokens=FLAGS.max_new_tokens,
+            temperature=FLAGS.temperature,
+            top_k=FLAGS.top_k,
+            top_p=FLAGS.top_p,
+            seed=FLAGS.seed,
+            eos_id=tok.eos_id,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    text = tok.decode(new)
+    if FLAGS.json:
+        print(
+            json.dumps({"prompt": FLAGS.prompt, "prompt_ids": prompt, "new_ids": new, "text": text}, indent=2)
+        )
+    else:
+        print(FLAGS.prompt + text)
 
 
 class Command(NamedTuple):
@@ -295,6 +384,26 @@ COMMANDS: dict[str, Command] = {
         "Writes config.json and model.safetensors for a maskjax checkpoint (the latest, or --step) "
         "so that transformers' AutoModel...from_pretrained loads it.",
         "maskjax export-hf --workdir=/tmp/mae --out=/tmp/mae-hf",
+    ),
+    "fill-mask": Command(
+        _fill_mask_flags,
+        _fill_mask,
+        "Fill the [MASK] tokens of a text with a BERT or RoBERTa checkpoint; top-k with probabilities.",
+        '--workdir=DIR --text="... [MASK] ..." [--top-k=5] [--json]',
+        "Encodes [CLS] text [SEP] (<s> text </s> for RoBERTa) with the workdir's tokenizer, runs the "
+        "encoder and lists, for every mask in order, the most likely tokens with their probabilities "
+        "and the filled-in text. Works for trained and imported checkpoints alike.",
+        'maskjax fill-mask --workdir=/tmp/bert-demo --text="the cat sat on the [MASK]."',
+    ),
+    "generate": Command(
+        _generate_flags,
+        _generate,
+        "Continue a prompt with a GPT-2 checkpoint: greedy or sampled, with a key/value cache.",
+        '--workdir=DIR --prompt="..." [--max-new-tokens=N] [--temperature=T] [--top-k=K] [--top-p=P]',
+        "Encodes the prompt with the workdir's tokenizer and generates up to --max-new-tokens tokens in "
+        "one compiled program (the prompt fills a key/value cache, then one cached step per token); "
+        "--temperature=0 is greedy. Stops after <|endoftext|>.",
+        'maskjax generate --workdir=/tmp/gpt-demo --prompt="The function" --temperature=0',
     ),
 }
 

@@ -374,6 +374,18 @@ def run_evaluators(trainer: Trainer, state: dict, workdir: epath.Path) -> dict:
     return report
 
 
+def _keep_tokenizer(source: epath.Path, workdir: epath.Path) -> None:
+    """A text run's tokenizer, copied to WORKDIR/tokenizer: the workdir alone then serves
+    `maskjax fill-mask` and `maskjax generate`."""
+    target = workdir / "tokenizer"
+    if not source.is_dir() or target.exists():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        if f.is_file():
+            (target / f.name).write_bytes(f.read_bytes())
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices: list | None = None) -> dict:
     """Train (or resume) the run in `workdir` (local or gs://) on `devices` (default: all).
 
@@ -393,6 +405,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
     for where in dict.fromkeys(loaders.prepare(c) for _, c in schedule):  # phases share a folder
         if jax.process_index() == 0:
             print(f"data: {where}", flush=True)
+            _keep_tokenizer(epath.Path(str(where)) / "tokenizer", workdir)
     trainer = trainers[0]
     spec = checkpoint.model_spec(trainer.model_name, trainer.model_cfg)
     if jax.process_index() == 0:

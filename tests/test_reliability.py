@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 import shutil
 import subprocess
@@ -247,3 +248,24 @@ def test_a_config_that_builds_other_shapes_is_a_config_error_not_damage(data_dir
     assert "float32[64," in line or "float32[32, 64]" in line or "64" in line, line
     assert "damaged" not in result.stdout and not (workdir / "checkpoints-damaged").exists()
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "8"]
+
+
+def test_a_diverged_run_saves_its_last_good_state_where_it_stopped(data_dir, tmp_path):
+    """lr 1e4 and no checkpoint due before the stop: the state the skipped steps left alone (after the
+    last step that updated it) is saved at the stop step, finite, with the data position there, and
+    the run resumes from it."""
+    workdir = tmp_path / "run"
+    flags = dict(total_steps=30, checkpoint_every=1000, keep_checkpoints=2, eval_every=1000)
+    wild = {**flags, "schedule.warmup_steps": 1, "optimizer.base_lr": 1e4}
+    result = _run(*train_command(config_file(tmp_path, "mae", data_dir, **wild), workdir))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    stop = int(re.search(r"^maskjax train: step (\d+): the (?:loss|gradient) is not finite", line).group(1))
+    assert f"the last finite checkpoint: step {stop} in " in line, line
+    _, _, params = checkpoint.load_params(workdir, stop)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    # Resumed (skipping on, with more patience), it starts right after the stop.
+    patient = {**wild, "total_steps": stop + 2, "max_nonfinite_steps": 100}
+    resumed = _run(*train_command(config_file(tmp_path, "mae", data_dir, **patient), workdir))
+    assert resumed.returncode == 0 and f"resumed from step {stop}" in resumed.stdout, resumed.stderr[-3000:]
+    assert max(_losses(workdir)) == stop + 2
