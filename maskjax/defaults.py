@@ -94,6 +94,9 @@ def base(family: str) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3  # orbax max_to_keep (train.py)
     c.eval_batches = 4  # held-out batches per evaluation (train.py, methods)
     c.max_nonfinite_steps = 3  # consecutive skipped non-finite steps before the run stops (train.py)
+    # Continued pre-training: the weights to start from (a maskjax workdir, or a transformers checkpoint
+    # directory); a fresh optimizer at step 0. None: a fresh initialisation. Resuming a run ignores it.
+    c.init = config_dict.placeholder(str)
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}  # pure data parallel over every device
     data: dict[str, Any] = dict(
         kind=data_kind,

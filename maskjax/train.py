@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from maskjax import checkpoint, evaluators, methods, models, optim, sharding
 from maskjax import config as config_lib
 from maskjax.data import loaders
-from maskjax.errors import CheckpointNotWritten, TrainingDiverged
+from maskjax.errors import CheckpointNotWritten, ConfigError, TrainingDiverged
 
 
 class Trainer:
@@ -102,10 +102,35 @@ class Trainer:
 
     # -- pure functions, traced under the sharding rules ------------------------------------
 
-    def _init(self) -> dict:
+    def _init(self, loaded: dict | None = None) -> dict:
+        """A fresh state; with `loaded` (a pure dict of some of the parameters), those replace theirs."""
         model = models.build(self.model_name, self.model_cfg, self.config.seed)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        if loaded is not None:
+            params = _overlay(params, loaded)
         return {"params": params, "opt": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    def init_from(self, source: str) -> dict:
+        """The state `config.init` asks for: `source`'s weights (a maskjax workdir, verified as every
+        restore, or a transformers directory), the rest freshly initialised; step 0, a fresh optimizer.
+
+        Prints what it took and what it did not (e.g. a fresh MLM head over a bare encoder)."""
+        family, loaded = _weights(source)
+        if family != self.model_name:
+            raise ConfigError(
+                f"init={source} holds {family!r} weights; this config trains {self.model_name!r}"
+            )
+        abstract = jax.tree.map(lambda a: a.shape, self.abstract_state["params"])
+        used, unused, fresh = _fit(abstract, loaded)
+        if jax.process_index() == 0:
+            print(f"init: {used} arrays from {source}; step 0, a fresh optimizer", flush=True)
+            for path in fresh:
+                print(f"  not in {source}, freshly initialised: {path}", flush=True)
+            for path in unused:
+                print(f"  in {source}, not in this model: {path}", flush=True)
+        kept = _subset(loaded, abstract)
+        init = jax.jit(self._init, out_shardings=self.state_sharding)
+        return init(jax.device_put(kept, self.replicated))
 
     def _loss(self, params: dict, batch: dict, key: jax.Array, extras: Any) -> tuple[jax.Array, tuple]:
         """(loss, (metrics, terms)): the method's loss, its metrics, and its `loss_terms` if any."""
@@ -374,6 +399,80 @@ def run_evaluators(trainer: Trainer, state: dict, workdir: epath.Path) -> dict:
     return report
 
 
+def _weights(source: str) -> tuple[str, dict]:
+    """(model name, pure dict of numpy parameters) of a maskjax workdir or a transformers directory."""
+    path = epath.Path(source)
+    if not path.exists():
+        raise ConfigError(f"init={source} does not exist: give a maskjax workdir or a transformers directory")
+    if (path / "config.json").exists() and not (path / "checkpoints").exists():
+        from maskjax import interop
+
+        imported = interop.load_hf(source)
+        return imported.family, _only(imported.params, imported.missing)
+    family, _, params = checkpoint.load_params(source)
+    return family, jax.tree.map(np.asarray, params)
+
+
+def _only(params: dict, missing: list[str]) -> dict:
+    """`params` without the paths ("/a/b/c") the transformers checkpoint did not have."""
+    gone = set(missing)
+
+    def walk(tree: dict, path: str) -> dict:
+        return {
+            k: (walk(v, f"{path}/{k}") if isinstance(v, dict) else v)
+            for k, v in tree.items()
+            if f"{path}/{k}" not in gone
+        }
+
+    return walk(params, "")
+
+
+def _fit(abstract: dict, loaded: dict, path: str = "") -> tuple[int, list[str], list[str]]:
+    """(arrays that fit, paths only `loaded` has, paths only the model has); a shape that differs is a
+    ConfigError naming it."""
+    used, unused, fresh = 0, [], []
+    for key in sorted(set(abstract) | set(loaded)):
+        where = f"{path}/{key}"
+        if key not in loaded:
+            fresh.append(where)
+        elif key not in abstract:
+            unused.append(where)
+        elif isinstance(abstract[key], dict) != isinstance(loaded[key], dict):
+            raise ConfigError(
+                f"init: {where} is a {'group' if isinstance(loaded[key], dict) else 'array'} there"
+            )
+        elif isinstance(abstract[key], dict):
+            u, un, fr = _fit(abstract[key], loaded[key], where)
+            used, unused, fresh = used + u, unused + un, fresh + fr
+        elif tuple(abstract[key]) != tuple(np.shape(loaded[key])):
+            raise ConfigError(
+                f"init: {where} is {tuple(np.shape(loaded[key]))} there and {tuple(abstract[key])} in this "
+                "config's model: set the model sizes the weights were trained with"
+            )
+        else:
+            used += 1
+    return used, unused, fresh
+
+
+def _subset(loaded: dict, abstract: dict) -> dict:
+    """The part of `loaded` this model has."""
+    return {
+        k: (_subset(v, abstract[k]) if isinstance(v, dict) else v) for k, v in loaded.items() if k in abstract
+    }
+
+
+def _overlay(params: dict, loaded: dict) -> dict:
+    """`params` with every array `loaded` has in its place (cast to the parameter's dtype)."""
+    return {
+        k: (
+            _overlay(v, loaded[k])
+            if isinstance(v, dict) and k in loaded
+            else (jnp.asarray(loaded[k], v.dtype) if k in loaded else v)
+        )
+        for k, v in params.items()
+    }
+
+
 def _keep_tokenizer(source: epath.Path, workdir: epath.Path) -> None:
     """A text run's tokenizer, copied to WORKDIR/tokenizer: the workdir alone then serves
     `maskjax fill-mask` and `maskjax generate`."""
@@ -421,7 +520,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
 
         resumed = checkpoint.restore_latest(mngr, trainer.abstract_state)
         if resumed is None:
-            state, data_state = trainer.init(), None
+            state = trainer.init_from(config.init) if config.get("init") else trainer.init()
+            data_state = None
         else:
             latest, state, data_state = resumed
             print(f"resumed from step {latest}", flush=True)

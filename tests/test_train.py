@@ -538,3 +538,83 @@ def test_a_diverging_run_stops_in_one_line_and_keeps_its_last_finite_checkpoint(
     )
     logged = [r for r in rows(workdir) if r.get("split") != "eval"]
     assert logged[-1]["skipped_steps"] >= 2 and any(r["nonfinite_grads"] for r in logged)
+
+
+# ---------------------------------------------------------------------------- continued pre-training
+
+
+def _same(a, b) -> bool:
+    return all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def test_init_from_a_workdir_takes_its_weights_with_a_fresh_optimizer_at_step_0(data_dir, tmp_path):
+    from maskjax import checkpoint, sharding
+
+    source = tmp_path / "source"
+    train.train(tiny("bert", data_dir, total_steps=2), source)
+    _, _, trained = checkpoint.load_params(source)
+    trainer = train.Trainer(tiny("bert", data_dir, init=str(source)))
+    with sharding.use_rules(trainer.mesh, trainer.rules):
+        state = trainer.init_from(str(source))
+        fresh = trainer.init()
+    assert _same(state["params"], trained) and not _same(fresh["params"], trained)
+    assert _same(state["opt"], trainer.tx.init(state["params"])) and int(state["step"]) == 0
+
+    # Through the CLI: the run starts from those weights, and resuming it later ignores init.
+    config = _config_file(tmp_path, "bert", data_dir, total_steps=2, init=str(source))
+    run = subprocess.run(
+        _train_command(config, tmp_path / "run"), capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"init: {len(jax.tree.leaves(trained))} arrays from {source}; step 0" in run.stdout
+    again = subprocess.run(
+        _train_command(config, tmp_path / "run"), capture_output=True, text=True, timeout=600
+    )
+    assert "resumed from step 2" in again.stdout and "init:" not in again.stdout
+
+
+def test_init_from_a_transformers_encoder_keeps_a_fresh_head_and_refuses_other_sizes(data_dir, tmp_path):
+    """The seed's domain adaptation: a bare transformers BertModel (no MLM head) continues pre-training
+    with a fresh MLM head; a config of other sizes is one line naming the array."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from maskjax import interop, sharding
+
+    c = tiny("bert", data_dir)
+    torch.manual_seed(0)
+    hf = transformers.BertModel(
+        transformers.BertConfig(
+            vocab_size=c.model.vocab_size,
+            hidden_size=c.model.hidden,
+            num_hidden_layers=c.model.layers,
+            num_attention_heads=c.model.heads,
+            intermediate_size=c.model.mlp_dim,
+            max_position_embeddings=c.model.max_length,
+        )
+    )
+    hf.save_pretrained(tmp_path / "hf")
+    trainer = train.Trainer(tiny("bert", data_dir, init=str(tmp_path / "hf")))
+    with sharding.use_rules(trainer.mesh, trainer.rules):
+        state = trainer.init_from(str(tmp_path / "hf"))
+    imported = interop.load_hf(tmp_path / "hf")
+    assert _same(state["params"]["encoder"], imported.params["encoder"])
+    assert _same(state["params"]["word_embed"], imported.params["word_embed"])
+    assert any(m.startswith("/mlm") for m in imported.missing)
+
+    config = _config_file(tmp_path, "bert", data_dir, total_steps=2, init=str(tmp_path / "hf"))
+    run = subprocess.run(
+        _train_command(config, tmp_path / "run"), capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "not in " in run.stdout and "freshly initialised: /mlm" in run.stdout
+
+    wider = _config_file(
+        tmp_path, "bert", data_dir, total_steps=2, init=str(tmp_path / "hf"), **{"model.mlp_dim": 48}
+    )
+    bad = subprocess.run(_train_command(wider, tmp_path / "bad"), capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    line = bad.stderr.strip().splitlines()[-1]
+    assert line.startswith("maskjax train: init: /encoder/") and "set the model sizes" in line, line
