@@ -71,15 +71,22 @@ def test_every_family_trains_on_8_devices(family, mesh, data_dir, tmp_path):
     # The method's evaluators ran on the trained parameters and wrote their numbers.
     expected = {
         "mae": {"eval_reconstruction_loss", "mean_patch_baseline", "figure"},
-        "bert": {"eval_masked_token_accuracy", "unigram_baseline_accuracy"},
-        "roberta": {"eval_masked_token_accuracy", "unigram_baseline_accuracy"},
+        "bert": {"eval_masked_token_accuracy", "unigram_baseline_accuracy", "fill_mask_samples"},
+        "roberta": {"eval_masked_token_accuracy", "unigram_baseline_accuracy", "fill_mask_samples"},
+        "gpt": {"eval_perplexity", "unigram_perplexity", "greedy_prompt", "greedy_continuation"},
     }.get(family)
     if expected is None:
         assert not (tmp_path / "report.json").exists()
     else:
         report = json.loads((tmp_path / "report.json").read_text())
         assert set(report) == expected
-        assert all(math.isfinite(v) for k, v in report.items() if k != "figure")
+        assert all(math.isfinite(v) for v in report.values() if isinstance(v, float))
+        if family in ("bert", "roberta"):  # held-out windows, their middle token masked and filled in
+            samples = report["fill_mask_samples"]
+            assert samples and all(0.0 < s["probability"] <= 1.0 and s["predicted"] for s in samples)
+            assert all(("[MASK]" if family == "bert" else "<mask>") in s["text"] for s in samples)
+        if family == "gpt":
+            assert report["greedy_continuation"] and report["eval_perplexity"] > 1.0
         if family == "mae":
             assert Path(report["figure"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -16,6 +16,8 @@ from typing import Any
 REGISTRY: dict[str, str] = {
     "mlm_unigram_baseline": "maskjax.evaluators.mlm:unigram_baseline",
     "mae_reconstruction": "maskjax.evaluators.reconstruction:mae_reconstruction",
+    "fill_mask_samples": "maskjax.evaluators.samples:fill_mask_samples",
+    "greedy_sample_and_perplexity": "maskjax.evaluators.samples:greedy_sample_and_perplexity",
 }
 
 

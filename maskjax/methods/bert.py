@@ -157,7 +157,7 @@ BERT = Method(
     flops=flops,
     describe_masking=describe_masking,
     validate=validate,
-    evaluators=("mlm_unigram_baseline",),
+    evaluators=("mlm_unigram_baseline", "fill_mask_samples"),
 )
 # RoBERTa: the same objective without NSP (its model config says so); the data layout differs.
 ROBERTA = dataclasses.replace(BERT, name="roberta", model="roberta")

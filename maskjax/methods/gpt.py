@@ -65,4 +65,5 @@ GPT = Method(
     batch_spec=batch_spec,
     flops=flops,
     describe_masking=describe_masking,
+    evaluators=("greedy_sample_and_perplexity",),
 )
