@@ -245,8 +245,8 @@ def _fill_mask() -> None:
     if FLAGS.top_k < 1:
         raise UsageError(f"--top-k={FLAGS.top_k} is invalid: must be >= 1")
     tok = infer.tokenizer_of(FLAGS.workdir, FLAGS.tokenizer)
-    model, _ = infer.load(FLAGS.workdir, ("bert", "roberta"), FLAGS.step)
     try:
+        model, _ = infer.load(FLAGS.workdir, ("bert", "roberta"), FLAGS.step)
         masks = infer.fill_mask(model, tok, FLAGS.text, FLAGS.top_k)
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -278,9 +278,9 @@ def _generate() -> None:
     if not FLAGS.workdir or FLAGS.prompt is None:
         raise UsageError('generate needs --workdir=DIR and --prompt="..."')
     tok = infer.tokenizer_of(FLAGS.workdir, FLAGS.tokenizer)
-    model, _ = infer.load(FLAGS.workdir, ("gpt",), FLAGS.step)
     prompt = tok.encode(FLAGS.prompt)
     try:
+        model, _ = infer.load(FLAGS.workdir, ("gpt",), FLAGS.step)
         new = infer.generate(
             model,
             prompt,
@@ -293,7 +293,7 @@ def _generate() -> None:
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
-    text = tok.decode(new)
+    text = tok.decode(prompt + new)[len(tok.decode(prompt)) :]  # whole: a byte-level character may span both
     if FLAGS.json:
         print(
             json.dumps({"prompt": FLAGS.prompt, "prompt_ids": prompt, "new_ids": new, "text": text}, indent=2)

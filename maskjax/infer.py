@@ -72,7 +72,7 @@ def encode_with_masks(tok: tokenizers.Tokenizer, text: str) -> list[int]:
         if i:
             ids.append(tok.mask_id)
         if tok.kind == "bpe" and i + 1 < len(pieces):
-            piece = piece.rstrip(" ")
+            piece = piece.rstrip()
         if piece:
             ids += tok.encode(piece)
     return [*ids, tok.sep_id]
@@ -147,7 +147,7 @@ def _pick(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1)
     logits = logits / temperature
-    if top_k:
+    if top_k and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
