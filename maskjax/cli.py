@@ -226,15 +226,18 @@ def _export_hf() -> None:
     print(f"{family}: wrote {out}")
 
 
-def _fill_mask_flags() -> None:
-    flags.DEFINE_string(
-        "workdir", None, "maskjax workdir of a BERT or RoBERTa checkpoint (trained or imported)."
-    )
-    flags.DEFINE_string("text", None, "Text with one or more [MASK] (RoBERTa: <mask>) tokens.")
-    flags.DEFINE_integer("top_k", 5, "How many tokens to list for each mask.")
+def _checkpoint_use_flags(model: str, json_holds: str) -> None:
+    """The flags of the commands that use a trained or imported checkpoint (fill-mask, generate)."""
+    flags.DEFINE_string("workdir", None, f"maskjax workdir of a {model} checkpoint (trained or imported).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest intact one).")
     flags.DEFINE_string("tokenizer", None, "Tokenizer folder (default: WORKDIR/tokenizer).")
-    flags.DEFINE_bool("json", False, "Print the result as JSON (token ids, tokens, probabilities).")
+    flags.DEFINE_bool("json", False, f"Print the result as JSON ({json_holds}).")
+
+
+def _fill_mask_flags() -> None:
+    _checkpoint_use_flags("BERT or RoBERTa", "token ids, tokens, probabilities")
+    flags.DEFINE_string("text", None, "Text with one or more [MASK] (RoBERTa: <mask>) tokens.")
+    flags.DEFINE_integer("top_k", 5, "How many tokens to list for each mask.")
 
 
 def _fill_mask() -> None:
@@ -260,16 +263,13 @@ def _fill_mask() -> None:
 
 
 def _generate_flags() -> None:
-    flags.DEFINE_string("workdir", None, "maskjax workdir of a GPT-2 checkpoint (trained or imported).")
+    _checkpoint_use_flags("GPT-2", "prompt and new token ids, text")
     flags.DEFINE_string("prompt", None, "The text to continue.")
     flags.DEFINE_integer("max_new_tokens", 50, "Tokens to generate at most (fewer if <|endoftext|> comes).")
     flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 = greedy (argmax).")
     flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens only (0: all).")
     flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set of tokens holding this probability.")
     flags.DEFINE_integer("seed", 0, "Seed of the sampling.")
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest intact one).")
-    flags.DEFINE_string("tokenizer", None, "Tokenizer folder (default: WORKDIR/tokenizer).")
-    flags.DEFINE_bool("json", False, "Print the result as JSON (prompt and new token ids, text).")
 
 
 def _generate() -> None:

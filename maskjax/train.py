@@ -128,9 +128,10 @@ class Trainer:
                 print(f"  not in {source}, freshly initialised: {path}", flush=True)
             for path in unused:
                 print(f"  in {source}, not in this model: {path}", flush=True)
-        kept = _subset(loaded, abstract)
+        # Each array straight into its parameter's sharding (and dtype): no device holds more than
+        # its shards, as when the state is created fresh.
         init = jax.jit(self._init, out_shardings=self.state_sharding)
-        return init(jax.device_put(kept, self.replicated))
+        return init(_place(loaded, self.abstract_state["params"]))
 
     def _loss(self, params: dict, batch: dict, key: jax.Array, extras: Any) -> tuple[jax.Array, tuple]:
         """(loss, (metrics, terms)): the method's loss, its metrics, and its `loss_terms` if any."""
@@ -407,7 +408,10 @@ def _weights(source: str) -> tuple[str, dict]:
     if (path / "config.json").exists() and not (path / "checkpoints").exists():
         from maskjax import interop
 
-        imported = interop.load_hf(source)
+        try:
+            imported = interop.load_hf(source)
+        except (ValueError, KeyError, FileNotFoundError) as e:  # an architecture we do not convert
+            raise ConfigError(f"init={source}: {e}") from None
         return imported.family, _only(imported.params, imported.missing)
     family, _, params = checkpoint.load_params(source)
     return family, jax.tree.map(np.asarray, params)
@@ -438,9 +442,8 @@ def _fit(abstract: dict, loaded: dict, path: str = "") -> tuple[int, list[str], 
         elif key not in abstract:
             unused.append(where)
         elif isinstance(abstract[key], dict) != isinstance(loaded[key], dict):
-            raise ConfigError(
-                f"init: {where} is a {'group' if isinstance(loaded[key], dict) else 'array'} there"
-            )
+            there = "a group of arrays" if isinstance(loaded[key], dict) else "an array"
+            raise ConfigError(f"init: {where} is {there} there, not in this config's model")
         elif isinstance(abstract[key], dict):
             u, un, fr = _fit(abstract[key], loaded[key], where)
             used, unused, fresh = used + u, unused + un, fresh + fr
@@ -454,10 +457,18 @@ def _fit(abstract: dict, loaded: dict, path: str = "") -> tuple[int, list[str], 
     return used, unused, fresh
 
 
-def _subset(loaded: dict, abstract: dict) -> dict:
-    """The part of `loaded` this model has."""
+def _place(loaded: dict, abstract: dict) -> dict:
+    """The arrays of `loaded` this model has, as global arrays in the shardings and dtypes `abstract`
+    names (host arrays in; each device gets only its shards)."""
+
+    def put(x: np.ndarray, spec: jax.ShapeDtypeStruct) -> jax.Array:
+        host = np.asarray(x, dtype=spec.dtype)
+        return jax.make_array_from_callback(host.shape, spec.sharding, lambda index: host[index])
+
     return {
-        k: (_subset(v, abstract[k]) if isinstance(v, dict) else v) for k, v in loaded.items() if k in abstract
+        k: (_place(v, abstract[k]) if isinstance(v, dict) else put(v, abstract[k]))
+        for k, v in loaded.items()
+        if k in abstract
     }
 
 

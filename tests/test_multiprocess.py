@@ -20,11 +20,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from tiny_configs import config_file, tiny
+from tiny_configs import config_file, damage_middle_half, tiny
 from tiny_configs import train_command as _train
 
 from maskjax import train
-from maskjax.data import image_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, str(ROOT / "launch" / "local.py")]
@@ -63,14 +62,6 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """The digits dataset, prepared once here rather than by every job."""
-    d = tmp_path_factory.mktemp("data")
-    image_datasets.prepare("digits", d)
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -318,10 +309,7 @@ def test_2x4_processes_fall_back_together_from_a_damaged_checkpoint(data_dir, tm
     first = config_file(tmp_path, "mae", data_dir, total_steps=4, checkpoint_every=2, eval_every=1000)
     assert _launch_2x4(_train(first, workdir)).returncode == 0
     for i, path in enumerate(sorted((workdir / "checkpoints" / "4" / "params").rglob("d/*"))):
-        size = path.stat().st_size
-        with open(path, "r+b") as f:
-            f.seek(size // 4)
-            f.write(np.random.default_rng(i).bytes(size // 2))
+        damage_middle_half(path, np.random.default_rng(i))
     longer = config_file(tmp_path, "mae", data_dir, total_steps=6, checkpoint_every=2, eval_every=1000)
     launched = _launch_2x4(_train(longer, workdir))
     out = launched.stdout
@@ -349,10 +337,7 @@ def test_damage_that_one_process_alone_reads_ends_the_job_and_the_rerun_falls_ba
     own = sorted((workdir / "checkpoints" / "4" / "params" / "ocdbt.process_1").rglob("d/*"))
     assert own, "process 1 wrote no shards of its own"
     for i, path in enumerate(own):
-        size = path.stat().st_size
-        with open(path, "r+b") as f:
-            f.seek(size // 4)
-            f.write(np.random.default_rng(i).bytes(size // 2))
+        damage_middle_half(path, np.random.default_rng(i))
     longer = config_file(
         tmp_path, "mae", data_dir, total_steps=6, checkpoint_every=2, eval_every=1000, mesh=mesh
     )

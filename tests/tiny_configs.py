@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 
 from maskjax import defaults
 
@@ -73,3 +74,11 @@ def config_file(tmp_path: Path, family: str, data_dir: Path, **overrides) -> Pat
 def train_command(config: Path, workdir: Path) -> list[str]:
     """`maskjax train` as a user runs it, in a fresh interpreter."""
     return [sys.executable, "-m", "maskjax", "train", f"--config={config}", f"--workdir={workdir}"]
+
+
+def damage_middle_half(path: Path, rng: np.random.Generator) -> None:
+    """Random bytes over the middle half of one file, as a bad disk or an interrupted copy leaves it."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(size // 4)
+        f.write(rng.bytes(size // 2))

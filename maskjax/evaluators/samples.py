@@ -18,17 +18,12 @@ from etils import epath
 from flax import nnx
 
 from maskjax import infer, losses, masking
-from maskjax.data import tokenizers
 from maskjax.methods import gpt as gpt_method
 
 SAMPLES = 3  # sentences (or prompts) shown
 WINDOW = 12  # tokens of held-out text around each masked token
 MEASURED = 64  # held-out rows the perplexities are measured on
 ROWS = 8  # rows per forward pass
-
-
-def _tokenizer(workdir: epath.Path) -> tokenizers.Tokenizer:
-    return tokenizers.load(str(workdir / "tokenizer"))
 
 
 def fill_mask_samples(
@@ -38,7 +33,7 @@ def fill_mask_samples(
     probability beside the token that was there."""
     from maskjax.data import loaders
 
-    tok = _tokenizer(workdir)
+    tok = infer.tokenizer_of(workdir)
     model = nnx.merge(trainer.graphdef, params)
     rows = loaders.first_batches(config, "eval", 1)["input_ids"]
     shown = []
@@ -76,7 +71,7 @@ def greedy_sample_and_perplexity(
     beside a unigram model's (token frequencies of the training batches, add-one smoothed)."""
     from maskjax.data import loaders
 
-    tok = _tokenizer(workdir)
+    tok = infer.tokenizer_of(workdir)
     model = nnx.merge(trainer.graphdef, params)
     vocab = trainer.model_cfg.vocab_size
     batch = {k: v[:MEASURED] for k, v in loaders.first_batches(config, "eval", 1).items()}
