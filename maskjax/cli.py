@@ -54,6 +54,40 @@ def _train() -> None:
     train.train(FLAGS.config, FLAGS.workdir)
 
 
+def _transfer_flags() -> None:
+    _train_flags()
+    flags.DEFINE_string(
+        "init",
+        None,
+        "Weights to start from: a maskjax workdir (e.g. an MAE pre-training run) or a transformers "
+        "directory. Default: the config's init; with neither, from scratch (the baseline).",
+    )
+
+
+def _transfer(task: str) -> Callable[[], None]:
+    """`maskjax finetune` / `maskjax probe`: a train run of a `task` config, from --init's weights."""
+
+    def run() -> None:
+        from maskjax import methods, train
+
+        if FLAGS.config is None or not FLAGS.workdir:
+            raise UsageError(f"{task} needs --config=FILE and --workdir=DIR")
+        family = FLAGS.config.get("family")
+        kind = methods.get(family).task if family in methods.REGISTRY else None
+        if kind != task:
+            wanted = sorted(n for n in methods.REGISTRY if methods.get(n).task == task)
+            raise UsageError(
+                f"{task} runs a config of family {' or '.join(wanted)} (configs/{task}/); "
+                f"{family!r} is not one"
+            )
+        config = FLAGS.config
+        if FLAGS.init:
+            config.init = FLAGS.init
+        train.train(config, FLAGS.workdir)
+
+    return run
+
+
 def _prepare_text_flags() -> None:
     flags.DEFINE_string("inputs", None, "A folder, file or glob of local text files.")
     flags.DEFINE_string("out", None, "Folder for the tokenizer, the tfds datasets and prepare.json.")
@@ -324,6 +358,27 @@ COMMANDS: dict[str, Command] = {
         "checkpoint_every. Started again on the same workdir it resumes from the latest checkpoint; "
         "SIGTERM saves and exits 0. On a Cloud TPU VM every host runs the same command.",
         "maskjax train --config=configs/demo/mae.py --workdir=/tmp/mae --config.total_steps=300",
+    ),
+    "finetune": Command(
+        _transfer_flags,
+        _transfer("finetune"),
+        "Fine-tune a pre-trained encoder on labelled data (MAE Table 9 recipes in configs/finetune/).",
+        "--config=FILE --workdir=DIR [--init=DIR] [--config.KEY=VALUE ...]",
+        "A train run of a fine-tuning config: the encoder starts from --init (a maskjax workdir such as "
+        "an MAE pre-training run, or a transformers directory), the task head fresh, every weight trains; "
+        "same mesh, checkpoints, resume and metrics as pre-training. Without --init it trains from "
+        "scratch, the baseline. Ends with top-1 on the whole held-out split (report.json).",
+        "maskjax finetune --config=configs/finetune/digits.py --init=/tmp/maskjax-mae --workdir=/tmp/ft",
+    ),
+    "probe": Command(
+        _transfer_flags,
+        _transfer("probe"),
+        "Linear probe of a frozen pre-trained encoder (MAE Table 10), top-1 on held-out data.",
+        "--config=FILE --workdir=DIR --init=DIR [--config.KEY=VALUE ...]",
+        "A train run of a probe config: the encoder from --init stays frozen (no gradient, no optimizer "
+        "state); its feature passes BatchNorm without affine parameters into a linear head, the only "
+        "part that trains. Ends with top-1 on the whole held-out split (report.json).",
+        "maskjax probe --config=configs/probe/digits.py --init=/tmp/maskjax-mae --workdir=/tmp/probe",
     ),
     "prepare-text": Command(
         _prepare_text_flags,

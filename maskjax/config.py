@@ -22,7 +22,7 @@ from maskjax.errors import ConfigError
 
 __all__ = ["ConfigError", "phases", "rules", "validate"]
 
-OPTIMIZERS = ("adamw", "lamb")
+OPTIMIZERS = ("adamw", "lamb", "lars")
 DECAYS = ("linear", "cosine", "constant")
 REMAT = ("none", "full", "dots")
 # Run-control counts, each a positive integer.
@@ -62,6 +62,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> Any:
         raise ConfigError(
             f"data.kind must be {method.data!r} for family {family!r}; got {config.data.get('kind')!r}"
         )
+    fraction = config.data.get("label_fraction", 1.0)
+    if not isinstance(fraction, int | float) or not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"data.label_fraction must be in (0, 1]; got {fraction!r}")
     accum = config.grad_accum_steps
 
     try:

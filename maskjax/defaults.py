@@ -118,9 +118,17 @@ def base(family: str) -> ml_collections.ConfigDict:
             color_jitter=(0.0, 0.0, 0.0),  # brightness, contrast, saturation strengths; 0: none
             crop_pct=0.875,  # evaluation: centre crop of a resize to image_size / crop_pct
             channels=config_dict.placeholder(int),  # None: as stored
+            label_fraction=1.0,  # train on this share of every class's labelled images (label efficiency)
         )
     c.data = data
+    if data_kind == "image":  # frozen-feature evaluators during the run (evaluators/features.py); 0: off
+        sizes = dict(train_examples=0, test_examples=0)  # 0: the whole split
+        c.evals = dict(
+            knn=dict(every=0, k=20, temperature=0.07, **sizes), ridge=dict(every=0, l2=1e-2, **sizes)
+        )
     c.model = model_defaults(method.model)
+    if method.task != "pretrain":  # classification (methods/classify.py): off unless a recipe turns it on
+        c.task = dict(label_smoothing=0.0, mixup=0.0, cutmix=0.0, switch_prob=0.5, mix_prob=1.0)
     c.optimizer = dict(
         grad_clip=config_dict.placeholder(float),  # None: no clipping
         no_decay=("bias", "scale"),  # parameter-name parts exempt from weight decay

@@ -10,6 +10,7 @@ prediction gives loss 0, not 0/0 = NaN.
   BEiT                 masked_cross_entropy(logits at masked patches, visual-token ids, weights)
   MAE                  mae_loss(predicted pixels, target pixels, mask, norm_pix)
   BERT NSP             nsp_loss(logits, is_random_next)
+  classification       soft_cross_entropy(logits, mixed / smoothed targets)
 """
 
 from __future__ import annotations
@@ -68,3 +69,9 @@ def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, norm_pix: bool
 def nsp_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Next-sentence prediction: 2-way softmax cross-entropy; labels (B,), 1 = random next."""
     return masked_cross_entropy(logits, labels, jnp.ones(labels.shape, jnp.float32))
+
+
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean over the batch of −Σ_k t_k·log softmax(logits)_k; logits, targets (B, K), targets sum to 1."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -(targets.astype(jnp.float32) * logp).sum(-1).mean()

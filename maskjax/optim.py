@@ -10,7 +10,13 @@ Weight decay skips the parameters a config names in `optimizer.no_decay`
 of the paper's config. Layer-wise learning-rate decay (BEiT fine-tuning) scales
 the update of layer i of L by decay^(L + 1 − i). `optimizer.bias_correction=False`
 is the Adam of BERT's release, whose moments are used without Adam's bias
-correction (`scale_by_adam_uncorrected`).
+correction (`scale_by_adam_uncorrected`). LARS (You et al. 2017) is MAE's linear-probe
+optimizer (Table 10): SGD with momentum whose step for each weight matrix is scaled by
+trust_coefficient·‖w‖/‖g‖; vectors (biases) take plain momentum SGD, as MAE's util/lars.py does.
+
+A method may give each parameter a role (`Method.roles`): "train" (the optimizer above), "frozen"
+(no update, no optimizer state: a probed encoder) or "running_stat" (the update is −gradient, which
+the method's loss shapes into an exponential moving average, see methods/classify.py).
 """
 
 from __future__ import annotations
@@ -109,10 +115,63 @@ def scale_by_adam_uncorrected(b1: float, b2: float, eps: float) -> optax.Gradien
     return optax.GradientTransformation(init, update)
 
 
+ROLES = ("train", "frozen", "running_stat")
+
+
 def make_optimizer(
-    opt: Mapping[str, Any], lr: optax.Schedule, params: Any, num_layers: int = 0
+    opt: Mapping[str, Any], lr: optax.Schedule, params: Any, num_layers: int = 0, roles: Any = None
 ) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW or LAMB with the decay mask, then layer-wise scaling."""
+    """Global-norm clipping, then AdamW, LAMB or LARS with the decay mask, then layer-wise scaling;
+    with `roles` (a tree of ROLES like `params`), only the "train" parameters see that chain."""
+    if roles is None:
+        return _optimizer(opt, lr, params, num_layers)
+    bad = sorted({r for r in jax.tree.leaves(roles) if r not in ROLES})
+    if bad:
+        raise ValueError(f"parameter roles must be among {list(ROLES)}; got {bad}")
+    return _by_role(roles, _optimizer(opt, lr, _select(params, roles), num_layers))
+
+
+def _select(tree: dict, roles: dict) -> dict:
+    """The "train" leaves of a nested dict `tree`, with their paths (groups without one are dropped)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            inner = _select(value, roles[key])
+            if inner:
+                out[key] = inner
+        elif roles[key] == "train":
+            out[key] = value
+    return out
+
+
+def _by_role(roles: dict, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` on the trained parameters alone (its state holds nothing for the others); frozen ones get
+    a zero update, running statistics −gradient. (optax.multi_transform cannot take `inner`'s own masks.)"""
+
+    def init(params: dict) -> Any:
+        return inner.init(_select(params, roles))
+
+    def update(grads: dict, state: Any, params: dict | None = None) -> tuple[dict, Any]:
+        trained = None if params is None else _select(params, roles)
+        new, state = inner.update(_select(grads, roles), state, trained)
+
+        def merge(g: dict, r: dict, n: dict) -> dict:
+            out = {}
+            for key, value in g.items():
+                if isinstance(value, dict):
+                    out[key] = merge(value, r[key], n.get(key, {}))
+                elif r[key] == "train":
+                    out[key] = n[key]
+                else:
+                    out[key] = jnp.zeros_like(value) if r[key] == "frozen" else -value
+            return out
+
+        return merge(grads, roles, new), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _optimizer(opt: Mapping[str, Any], lr: optax.Schedule, params: Any, num_layers: int) -> Any:
     mask = decay_mask(params, tuple(opt.get("no_decay", ("bias", "scale"))))
     common = dict(b1=opt["b1"], b2=opt["b2"], eps=opt["eps"], weight_decay=opt["weight_decay"], mask=mask)
     name = opt["name"]
@@ -126,8 +185,18 @@ def make_optimizer(
         core = optax.adamw(lr, **common)
     elif name == "lamb":
         core = optax.lamb(lr, **common)
+    elif name == "lars":  # momentum = b1; b2 and eps are unused (MAE: LARS(lr, weight_decay=0))
+        matrices = jax.tree.map(lambda p: p is not None and p.ndim > 1, params)
+        core = optax.lars(
+            lr,
+            weight_decay=opt["weight_decay"],
+            weight_decay_mask=matrices,
+            trust_coefficient=0.001,
+            trust_ratio_mask=matrices,
+            momentum=opt["b1"],
+        )
     else:
-        raise ValueError(f"optimizer.name must be one of adamw, lamb; got {name!r}")
+        raise ValueError(f"optimizer.name must be one of adamw, lamb, lars; got {name!r}")
     parts = []
     if opt.get("grad_clip"):
         parts.append(optax.clip_by_global_norm(opt["grad_clip"]))

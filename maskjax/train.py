@@ -33,6 +33,7 @@ from maskjax import checkpoint, evaluators, methods, models, optim, sharding
 from maskjax import config as config_lib
 from maskjax.data import loaders
 from maskjax.errors import CheckpointNotWritten, ConfigError, TrainingDiverged
+from maskjax.evaluators import features
 
 
 class Trainer:
@@ -65,7 +66,10 @@ class Trainer:
             sched.decay,
             sched.end_lr,
         )
-        self.tx = optim.make_optimizer(opt, self.lr, abstract_params, getattr(self.model_cfg, "layers", 0))
+        roles = None if self.method.roles is None else self.method.roles(config, abstract_params)
+        self.tx = optim.make_optimizer(
+            opt, self.lr, abstract_params, getattr(self.model_cfg, "layers", 0), roles
+        )
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.state_sharding = {
@@ -116,10 +120,12 @@ class Trainer:
 
         Prints what it took and what it did not (e.g. a fresh MLM head over a bare encoder)."""
         family, loaded = _weights(source)
-        if family != self.model_name:
+        if family != self.model_name and self.method.init_weights is None:
             raise ConfigError(
                 f"init={source} holds {family!r} weights; this config trains {self.model_name!r}"
             )
+        if self.method.init_weights is not None:
+            loaded = self.method.init_weights(family, loaded, self.model_cfg)
         abstract = jax.tree.map(lambda a: a.shape, self.abstract_state["params"])
         used, unused, fresh = _fit(abstract, loaded)
         if jax.process_index() == 0:
@@ -547,8 +553,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
             return trainers[index], loader, loaders.make(phase_config, "eval")
 
         writer = MetricsWriter(workdir)
+        feature_evals = features.FeatureEvals(trainer, config)  # config.evals: k-NN, ridge (off: none)
         preemption = _Preemption()
         step = int(jax.device_get(state["step"]))
+        if step == 0 and feature_evals.every:  # where the representation starts from
+            fe = feature_evals(state["params"], list(feature_evals.every))
+            writer.write(0, {"split": "evals", **fe}, "")
+            if jax.process_index() == 0:
+                print(f"step 0: {features.scores(fe)}  ({fe['evals_seconds']:.1f} s)", flush=True)
+        evals_since = time.perf_counter()
         phase = phase_at(step)
         trainer, loader, eval_loader = enter_phase(phase, data_state)
         window_step, window_start = step, time.perf_counter()  # throughput since the last log line
@@ -589,6 +602,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
                     ev = evaluate(trainer, state["params"], eval_loader, extras[phase])
                     writer.write(step, {"split": "eval", **{f"eval_{k}": v for k, v in ev.items()}}, "")
                     last.update({f"eval_{k}": v for k, v in ev.items()})
+                due = feature_evals.due(step)
+                if due:
+                    trained_for = time.perf_counter() - evals_since
+                    fe = feature_evals(state["params"], due)
+                    fe["evals_cost_fraction"] = fe["evals_seconds"] / max(trained_for, 1e-9)
+                    writer.write(step, {"split": "evals", **fe}, "")
+                    last.update(fe)
+                    if jax.process_index() == 0:
+                        print(
+                            f"step {step}: {features.scores(fe)}  ({fe['evals_seconds']:.1f} s, "
+                            f"{fe['evals_cost_fraction']:.1%} of the training time since the last)",
+                            flush=True,
+                        )
+                    evals_since = time.perf_counter()
                 stop = preemption.check(step)
                 if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
                     nonfinite.flush()

@@ -19,9 +19,7 @@ from maskjax import config as config_lib
 from maskjax import defaults
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(
-    str(p.relative_to(ROOT)) for p in [*ROOT.glob("configs/*.py"), *ROOT.glob("configs/demo/*.py")]
-)
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("configs/**/*.py"))
 # The README's switches, as a user types them.
 SWITCHES = ("grad_accum_steps=2", "model.remat=full", "model.scan_layers=False", "model.dtype=bfloat16")
 

@@ -14,8 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("mae", "bert", "roberta", "gpt", "vqvae", "beit")
 
 
+# configs/ file of each family the tests shrink: the demos, and the transfer recipes on digits.
+CONFIGS = {
+    **{family: f"demo/{family}.py" for family in FAMILIES},
+    "image_classification": "finetune/digits.py",
+    "linear_probe": "probe/digits.py",
+}
+
+
 def demo(family: str) -> ml_collections.ConfigDict:
-    return defaults.from_file(ROOT / "configs" / "demo" / f"{family}.py")
+    return defaults.from_file(ROOT / "configs" / CONFIGS[family])
 
 
 def tiny(family: str, data_dir: Path, /, **overrides) -> ml_collections.ConfigDict:
@@ -48,6 +56,8 @@ def tiny(family: str, data_dir: Path, /, **overrides) -> ml_collections.ConfigDi
     if family == "vqvae":
         small.update(codebook_size=16, code_dim=8)
     c.model.update(small)
+    if "evals" in c:  # tests that want the frozen-feature evaluators turn them on
+        c.evals.knn.every = c.evals.ridge.every = 0
     for key, value in overrides.items():
         target = c
         *parents, leaf = key.split(".")

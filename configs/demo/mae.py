@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
         flip=False,  # digits are not mirror-symmetric
         crop_pct=1.0,
     )
+    # Representation quality while the loss falls: k-NN and ridge top-1 on the frozen [CLS] feature.
+    c.evals.knn.every = 500
+    c.evals.ridge.every = 500
     c.masking = dict(ratio=0.75, norm_pix_loss=False)  # MAE Sec. 3: 75% of the patches hidden
     c.model.update(
         image_size=8,

@@ -32,6 +32,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import math
 import os
 import re
 import struct
@@ -346,9 +347,28 @@ def _builder(name: str, data_dir: str | os.PathLike | None) -> tfds.core.Dataset
 def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None) -> Source:
     """A prepared tfds dataset's split as a random-access Source (dicts of numpy); never downloads."""
     builder = _builder(name, data_dir)
-    if split not in builder.info.splits:
+    if split.split("[")[0] not in builder.info.splits:  # tfds slicing ("train[:10%]") is allowed
         raise ValueError(f"dataset {name!r} has splits {sorted(builder.info.splits)}, not {split!r}")
     return builder.as_data_source(split=split)
+
+
+class LabelledFraction:
+    """The first ⌈fraction·n_c⌉ records of every class c of `source`, in source order (class-balanced,
+    unlike a tfds slice such as "train[:1%]", which may miss classes). Reads every label once."""
+
+    def __init__(self, source: Source, fraction: float):
+        labels = np.array([int(source[i]["label"]) for i in range(len(source))])
+        keep = [
+            np.flatnonzero(labels == c)[: max(1, math.ceil(fraction * (labels == c).sum()))]
+            for c in np.unique(labels)
+        ]
+        self.source, self.indices = source, np.sort(np.concatenate(keep))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.source[int(self.indices[index])]
 
 
 def dataset_info(name: str, data_dir: str | os.PathLike | None = None) -> tfds.core.DatasetInfo:

@@ -61,12 +61,16 @@ def _once(key: str, prepare) -> None:
     _PREPARED.add(key)
 
 
-def _image_source(data: ml_collections.ConfigDict, split: str) -> tuple[Any, tuple, tuple]:
+def _image_source(data: ml_collections.ConfigDict, split: str, train: bool) -> tuple[Any, tuple, tuple]:
     name, root = data.dataset, data_dir(data)
     if name in image_datasets.BUILDERS:
         _once(f"{root}/{name}", lambda: image_datasets.prepare(name, root, **data.get("builder_kwargs", {})))
     mean, std = image_datasets.normalization(name, root)
-    return image_datasets.open_source(name, split, root), mean, std
+    source = image_datasets.open_source(name, split, root)
+    fraction = data.get("label_fraction", 1.0)
+    if train and fraction < 1.0:
+        source = image_datasets.LabelledFraction(source, fraction)
+    return source, mean, std
 
 
 def _text_dir(data: ml_collections.ConfigDict) -> Path:
@@ -100,7 +104,7 @@ def prepare(config: ml_collections.ConfigDict) -> Path:
     """
     data = config.data
     if data.kind == "image":
-        _image_source(data, data.train_split)
+        _image_source(data, data.train_split, train=False)
         where = data_dir(data) / data.dataset
     elif data.kind == "text":
         where = _text_dir(data)
@@ -116,7 +120,7 @@ def source_and_transform(config: ml_collections.ConfigDict, split: str) -> tuple
     train = split == "train"
     split_name = data.train_split if train else data.eval_split
     if data.kind == "image":
-        source, mean, std = _image_source(data, split_name)
+        source, mean, std = _image_source(data, split_name, train)
         if train:
             transform = images.train_transform(
                 data.image_size,

@@ -18,6 +18,7 @@ REGISTRY: dict[str, str] = {
     "mae_reconstruction": "maskjax.evaluators.reconstruction:mae_reconstruction",
     "fill_mask_samples": "maskjax.evaluators.samples:fill_mask_samples",
     "greedy_sample_and_perplexity": "maskjax.evaluators.samples:greedy_sample_and_perplexity",
+    "top1": "maskjax.evaluators.classification:top1",
 }
 
 

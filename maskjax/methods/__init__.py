@@ -21,6 +21,12 @@ through these fields; nothing outside a method module switches on its name.
   extras(config) / extras_spec(config)         optional, both or neither: frozen inputs of the loss
       (BEiT's visual tokenizer) and their ShapeDtypeStructs, passed into the step, never trained
   evaluators                                   names in `maskjax.evaluators` run after training
+  init_weights(family, params, model_cfg) -> params   optional: what `config.init` takes from a
+      checkpoint of another family (a classifier's encoder from MAE); without it, the same family only
+  roles(config, params) -> tree of "train" | "frozen" | "running_stat"   optional (maskjax.optim):
+      a linear probe freezes its encoder; None: every parameter trains
+  task                                         "pretrain", "finetune" or "probe": the command that runs it
+  features(model, images) -> (B, D)            optional: frozen image features for `config.evals`
 
 `model` names the architecture in `maskjax.models.FAMILIES` that `loss` receives. A new method is
 its own module plus one `REGISTRY` line; `get(name)` checks the record the first time it is loaded.
@@ -46,7 +52,11 @@ REGISTRY: dict[str, str] = {
     "mae": "maskjax.methods.mae:MAE",
     "beit": "maskjax.methods.beit:BEIT",
     "vqvae": "maskjax.methods.vqvae:VQVAE",
+    "image_classification": "maskjax.methods.classify:FINETUNE",
+    "linear_probe": "maskjax.methods.classify:PROBE",
 }
+
+TASKS = ("pretrain", "finetune", "probe")
 
 
 DATA_KINDS = ("text", "image")  # maskjax.data.loaders reads either
@@ -67,10 +77,17 @@ class Method:
     extras: Callable[[Any], Any] | None = None
     extras_spec: Callable[[Any], Any] | None = None
     evaluators: tuple[str, ...] = ()
+    init_weights: Callable[[str, dict, Any], dict] | None = None
+    roles: Callable[[Any, dict], Any] | None = None
+    task: str = "pretrain"
+    features: Callable[[Any, jax.Array], jax.Array] | None = None
 
 
 # Positional parameters each callable must accept (the loss's `train` and `extras` are keywords).
-_ARITY = {"batch_spec": 2, "flops": 2, "describe_masking": 2, "validate": 2, "extras": 1, "extras_spec": 1}
+_ARITY = {
+    "batch_spec": 2, "flops": 2, "describe_masking": 2, "validate": 2, "extras": 1, "extras_spec": 1,
+    "init_weights": 3, "roles": 2, "features": 2,
+}  # fmt: skip
 
 
 def check(method: Method) -> Method:
@@ -80,6 +97,8 @@ def check(method: Method) -> Method:
     where = f"method {method.name!r}"
     if method.model not in models.FAMILIES:
         raise TypeError(f"{where}: model must be one of {sorted(models.FAMILIES)}; got {method.model!r}")
+    if method.task not in TASKS:
+        raise TypeError(f"{where}: task must be one of {list(TASKS)}; got {method.task!r}")
     if method.data not in DATA_KINDS:
         raise TypeError(f"{where}: data must be one of {list(DATA_KINDS)}; got {method.data!r}")
     loss_params = inspect.signature(method.loss).parameters

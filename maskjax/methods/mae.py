@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from maskjax import losses, masking
 from maskjax.errors import ConfigError
@@ -38,6 +39,12 @@ def loss(
 
 
 batch_spec = image_batch_spec  # the global batch's shapes, for ahead-of-time compiles
+
+
+def features(model: vit.Mae, images: jax.Array) -> jax.Array:
+    """(B, D): the encoder on every patch, [CLS] after the final norm (what MAE's linear probe reads)."""
+    ids = jnp.broadcast_to(jnp.arange(model.cfg.num_patches), (images.shape[0], model.cfg.num_patches))
+    return model.encode(images, ids)[:, 0]
 
 
 def flops(config: Any, model_cfg: vit.MaeConfig) -> int:
@@ -84,4 +91,5 @@ MAE = Method(
     describe_masking=describe_masking,
     validate=validate,
     evaluators=("mae_reconstruction",),
+    features=features,
 )

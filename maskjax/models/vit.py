@@ -51,6 +51,10 @@ class VitConfig(layers.TransformerConfig):
     # the pre-trained table into timm's trainable pos_embed, see `vit_params_from_mae`).
     pos_embed: Literal["sincos", "learned"] = "sincos"
     head_init_std: float = 2e-5  # MAE main_finetune.py: trunc_normal_(head.weight, std=2e-5)
+    # "batchnorm": the features are standardised before the head, BatchNorm without affine parameters
+    # (MAE's linear probe, Table 10: BatchNorm1d(affine=False, eps=1e-6)); running statistics in
+    # the parameters head_bn_mean / head_bn_var, updated by the probe's step (methods/classify.py).
+    head_norm: Literal["none", "batchnorm"] = "none"
     pre_ln: bool = True
     dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -84,6 +88,10 @@ class VitConfig(layers.TransformerConfig):
             "channels": (self.channels > 0, "> 0"),
             "num_classes": (self.num_classes >= 0, ">= 0 (0 = no head)"),
             "pooling": (self.pooling in ("cls", "mean"), "'cls' or 'mean'"),
+            "head_norm": (
+                self.head_norm == "none" or (self.head_norm == "batchnorm" and self.num_classes > 0),
+                "'none', or 'batchnorm' with num_classes > 0",
+            ),
             "pos_embed": (self.pos_embed in ("sincos", "learned"), "'sincos' or 'learned'"),
             "pre_ln": (self.pre_ln, "True (ViT is pre-LN)"),
         }
@@ -395,6 +403,10 @@ class Vit(nnx.Module):
             if cfg.num_classes
             else None
         )
+        if cfg.head_norm == "batchnorm":
+            stat = lambda init: layers.param(rngs, init, (cfg.hidden,), ("embed",), "float32")  # noqa: E731
+            self.head_bn_mean = stat(jax.nn.initializers.zeros)
+            self.head_bn_var = stat(jax.nn.initializers.ones)
         if cfg.init == "xavier":
             _xavier_as_fused_qkv(self.encoder, rngs)
         self.cfg = cfg
@@ -416,12 +428,35 @@ class Vit(nnx.Module):
         pooled = x[:, 0] if cfg.pooling == "cls" else x[:, 1:].mean(axis=1)
         return self.norm(pooled)  # LayerNorm is per token: norm(x)[:, 0] == norm(x[:, 0])
 
+    def logits(self, x: jax.Array, stats: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """Pooled features (B, D) -> logits (B, num_classes) float32.
+
+        head_norm "batchnorm": x is first standardised, (x − μ) / √(σ² + 1e-6), with `stats` = (μ, σ²)
+        when given (the probe's training step passes its batch's), else the running statistics.
+        """
+        if self.cfg.head_norm == "batchnorm":
+            mean, var = stats if stats is not None else (self.head_bn_mean[...], self.head_bn_var[...])
+            x = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + 1e-6)
+        return constrain(self.head(x.astype(self.cfg.dtype)).astype(jnp.float32), ("batch", "classes"))
+
     def __call__(self, images: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """images (B, H, W, C) -> logits (B, num_classes) float32, or features (B, D) if no head."""
         x = self.features(images, dropout_key=dropout_key)
-        if self.head is None:
-            return x
-        return constrain(self.head(x).astype(jnp.float32), ("batch", "classes"))
+        return x if self.head is None else self.logits(x)
+
+
+def encoder_from_mae(mae_params: dict, cfg: VitConfig) -> dict:
+    """The parameters a `Vit` takes from MAE pre-training (pure dicts), as MAE main_finetune.py and
+    main_linprobe.py load them: patch embedding, [CLS] and encoder blocks; the final norm for "cls"
+    pooling only (with "mean" the reference makes a fresh `fc_norm`); a learned position table starts
+    from the fixed sin-cos one. The head (and a probe's BatchNorm statistics) are left out: fresh.
+    """
+    out = {name: mae_params[name] for name in ("patch_embed", "cls_token", "encoder")}
+    if cfg.pooling == "cls":
+        out["norm"] = mae_params["norm"]
+    if cfg.pos_embed == "learned":
+        out["pos_embed"] = np.array(sincos_pos_embed_2d(cfg.hidden, cfg.grid_size))
+    return out
 
 
 def vit_params_from_mae(mae_params: dict, vit_params: dict, cfg: VitConfig) -> dict:
@@ -432,14 +467,7 @@ def vit_params_from_mae(mae_params: dict, vit_params: dict, cfg: VitConfig) -> d
     one; the final norm is loaded for "cls" pooling and stays fresh for "mean"
     (the reference drops `norm` and creates a new `fc_norm` with global pooling).
     """
-    out = dict(vit_params)
-    for name in ("patch_embed", "cls_token", "encoder"):
-        out[name] = mae_params[name]
-    if cfg.pooling == "cls":
-        out["norm"] = mae_params["norm"]
-    if cfg.pos_embed == "learned":
-        out["pos_embed"] = np.array(sincos_pos_embed_2d(cfg.hidden, cfg.grid_size))
-    return out
+    return {**vit_params, **encoder_from_mae(mae_params, cfg)}
 
 
 def param_count(cfg: VitConfig) -> int:

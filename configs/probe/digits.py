@@ -1,0 +1,40 @@
+"""Linear probe of the demo MAE encoder (configs/demo/mae.py) on scikit-learn's digits.
+
+MAE Table 10 (He et al. 2022, linear probing): the encoder frozen, its [CLS] feature through
+BatchNorm without affine parameters, then a linear head; no mixup, no label smoothing, no drop path;
+warmup then cosine. The paper's LARS (base lr 0.1, batch 16384) relies on its huge batch: its step
+is 0.001·‖w‖ per unit of lr, which 550 steps at batch 128 would not move far; this demo uses AdamW
+(configs/probe/imagenet.py keeps LARS).
+
+  maskjax probe --config=configs/probe/digits.py --init=/tmp/maskjax-mae --workdir=/tmp/digits-probe
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+from maskjax import defaults
+
+
+def get_config() -> ml_collections.ConfigDict:
+    finetune = defaults.from_file(Path(__file__).parents[1] / "finetune" / "digits.py")  # data, sizes
+    c = defaults.base("linear_probe")
+    c.total_steps = 600
+    c.global_batch_size = 128
+    c.log_every = 100
+    c.eval_every = 200
+    c.eval_batches = 2
+    c.checkpoint_every = 600
+    c.keep_checkpoints = 1
+    c.data.update(finetune.data.to_dict())
+    c.model.update(
+        {k: finetune.model[k] for k in ("image_size", "patch_size", "channels", "hidden", "layers", "heads")},
+        mlp_dim=finetune.model.mlp_dim,
+        num_classes=10,
+        pooling="cls",  # MAE main_linprobe.py: global_pool off, the pre-trained norm on [CLS]
+        head_norm="batchnorm",
+        head_init_std=0.01,  # MAE main_linprobe.py: trunc_normal_(head.weight, std=0.01)
+    )
+    c.optimizer.update(name="adamw", base_lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+    c.schedule.update(warmup_steps=60, decay="cosine", end_lr=0.0)
+    return c
