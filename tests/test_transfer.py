@@ -64,10 +64,11 @@ def test_a_batch_is_mixed_with_probability_mix_prob():
     for seed in range(4):
         out, out_targets = classify.mix(jax.random.key(seed), images, targets, never)
         assert np.array_equal(out, images) and np.array_equal(out_targets, targets)
+    half = _task(mixup=0.8, mix_prob=0.5)
     mixed = [
-        not np.array_equal(classify.mix(jax.random.key(s), images, targets, _task(mixup=0.8, mix_prob=0.5))[0], images)
+        not np.array_equal(classify.mix(jax.random.key(s), images, targets, half)[0], images)
         for s in range(200)
-    ]  # fmt: skip
+    ]
     assert 0.35 < np.mean(mixed) < 0.65
 
 
