@@ -88,6 +88,32 @@ def _transfer(task: str) -> Callable[[], None]:
     return run
 
 
+def _label_efficiency_flags() -> None:
+    _transfer_flags()
+    flags.DEFINE_list(
+        "fractions", ["0.01", "0.1", "1"], "Shares of every class's training labels to fine-tune on."
+    )
+
+
+def _label_efficiency() -> None:
+    from maskjax import methods, transfer
+
+    if FLAGS.config is None or not FLAGS.workdir or not FLAGS.init:
+        raise UsageError(
+            "label-efficiency needs --config=FILE (a fine-tuning config), --init=DIR and --workdir=DIR"
+        )
+    family = FLAGS.config.get("family")
+    if family not in methods.REGISTRY or methods.get(family).task != "finetune":
+        raise UsageError(f"label-efficiency runs a fine-tuning config (configs/finetune/); got {family!r}")
+    try:
+        fractions = [float(f) for f in FLAGS.fractions]
+    except ValueError:
+        raise UsageError(f"--fractions must be numbers in (0, 1]; got {','.join(FLAGS.fractions)}") from None
+    if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
+        raise UsageError(f"--fractions must be numbers in (0, 1]; got {','.join(FLAGS.fractions)}")
+    transfer.run(FLAGS.config, FLAGS.init, FLAGS.workdir, sorted(set(fractions)))
+
+
 def _prepare_text_flags() -> None:
     flags.DEFINE_string("inputs", None, "A folder, file or glob of local text files.")
     flags.DEFINE_string("out", None, "Folder for the tokenizer, the tfds datasets and prepare.json.")
@@ -296,6 +322,52 @@ def _fill_mask() -> None:
             print(f"  {r['score']:.4f}  {r['token']:<16}  {r['sequence']}")
 
 
+def _reconstruct_flags() -> None:
+    flags.DEFINE_string("workdir", None, "maskjax workdir of an MAE checkpoint (trained or imported).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest intact one).")
+    flags.DEFINE_string("out", None, "PNG to write (default: WORKDIR/reconstructions.png).")
+    flags.DEFINE_float(
+        "mask_ratio", None, "Share of patches hidden (default: the run's masking.ratio, else 0.75)."
+    )
+    flags.DEFINE_integer("n", 8, "How many held-out images to show.")
+    flags.DEFINE_string("dataset", None, "Images to reconstruct (default: the run's data.dataset).")
+    flags.DEFINE_string("split", None, "Their split (default: the run's data.eval_split).")
+    flags.DEFINE_string("data_dir", None, "Where the dataset is prepared (default: the run's).")
+    flags.DEFINE_integer("seed", 0, "Seed of the masks.")
+    flags.DEFINE_bool("json", False, "Print the losses and the figure's path as JSON.")
+
+
+def _reconstruct() -> None:
+    from maskjax.evaluators import reconstruction
+
+    if not FLAGS.workdir:
+        raise UsageError("reconstruct needs --workdir=DIR")
+    if FLAGS.n < 1:
+        raise UsageError(f"--n={FLAGS.n} is invalid: must be >= 1")
+    try:
+        result = reconstruction.from_workdir(
+            FLAGS.workdir,
+            FLAGS.out,
+            mask_ratio=FLAGS.mask_ratio,
+            n=FLAGS.n,
+            dataset=FLAGS.dataset,
+            split=FLAGS.split,
+            data_dir=FLAGS.data_dir,
+            step=FLAGS.step,
+            seed=FLAGS.seed,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if FLAGS.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(
+        f"masked-patch loss {result['reconstruction_loss']:.4f} (mean-patch baseline "
+        f"{result['mean_patch_baseline']:.4f}) on {result['images']} held-out images, "
+        f"{result['mask_ratio']:.0%} of the patches hidden\nfigure: {result['figure']}"
+    )
+
+
 def _generate_flags() -> None:
     _checkpoint_use_flags("GPT-2", "prompt and new token ids, text")
     flags.DEFINE_string("prompt", None, "The text to continue.")
@@ -380,6 +452,17 @@ COMMANDS: dict[str, Command] = {
         "part that trains. Ends with top-1 on the whole held-out split (report.json).",
         "maskjax probe --config=configs/probe/digits.py --init=/tmp/maskjax-mae --workdir=/tmp/probe",
     ),
+    "label-efficiency": Command(
+        _label_efficiency_flags,
+        _label_efficiency,
+        "Fine-tune on 1%, 10%, 100% of the labels from pre-trained weights and from scratch; a plot.",
+        "--config=FILE --init=DIR --workdir=DIR [--fractions=0.01,0.1,1] [--config.KEY=VALUE ...]",
+        "For every share of the training labels (the same share of every class), runs the fine-tuning "
+        "config twice, from --init and from scratch, into WORKDIR/pretrained-F and WORKDIR/scratch-F, "
+        "then writes label_efficiency.json and label_efficiency.png (top-1 against the share, both "
+        "curves) and prints the table. Runs that finished are only evaluated again.",
+        "maskjax label-efficiency --config=configs/finetune/digits.py --init=/tmp/maskjax-mae --workdir=/tmp/le",  # noqa: E501
+    ),
     "prepare-text": Command(
         _prepare_text_flags,
         _prepare_text,
@@ -449,6 +532,17 @@ COMMANDS: dict[str, Command] = {
         "encoder and lists, for every mask in order, the most likely tokens with their probabilities "
         "and the filled-in text. Works for trained and imported checkpoints alike.",
         'maskjax fill-mask --workdir=/tmp/bert-demo --text="the cat sat on the [MASK]."',
+    ),
+    "reconstruct": Command(
+        _reconstruct_flags,
+        _reconstruct,
+        "MAE's Figure 2 for held-out images: original, masked, reconstruction, + visible patches.",
+        "--workdir=DIR [--out=FIGURE.png] [--mask-ratio=0.75] [--n=8]",
+        "Masks --n held-out images of the run's dataset (or --dataset) at --mask-ratio, runs the MAE "
+        "checkpoint and writes one column per image: the original, the masked input, the "
+        "reconstruction and the reconstruction with the visible patches pasted back; prints the "
+        "masked-patch loss beside the predict-the-mean-patch baseline.",
+        "maskjax reconstruct --workdir=/tmp/maskjax-mae --out=/tmp/mae-figure.png --mask-ratio=0.75",
     ),
     "generate": Command(
         _generate_flags,

@@ -122,9 +122,11 @@ def base(family: str) -> ml_collections.ConfigDict:
         )
     c.data = data
     if data_kind == "image":  # frozen-feature evaluators during the run (evaluators/features.py); 0: off
-        sizes = dict(train_examples=0, test_examples=0)  # 0: the whole split
         c.evals = dict(
-            knn=dict(every=0, k=20, temperature=0.07, **sizes), ridge=dict(every=0, l2=1e-2, **sizes)
+            train_examples=0,  # labelled images the probes fit on (data.train_split); 0: all of them
+            test_examples=0,  # images they are scored on (data.eval_split); 0: all of them
+            knn=dict(every=0, k=20, temperature=0.07),
+            ridge=dict(every=0, l2=1e-2),
         )
     c.model = model_defaults(method.model)
     if method.task != "pretrain":  # classification (methods/classify.py): off unless a recipe turns it on

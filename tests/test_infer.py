@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -63,14 +64,21 @@ def bert_dir(tmp_path_factory):
     return d / "hf"
 
 
+@pytest.fixture(scope="module")
+def bert_mj(bert_dir, tmp_path_factory):
+    """`maskjax import-hf` of bert_dir, once for the module."""
+    workdir = tmp_path_factory.mktemp("bert-mj")
+    imported = _cli("import-hf", f"--hf-dir={bert_dir}", f"--out={workdir}")
+    assert "tokenizer:" in imported.stdout and (workdir / "tokenizer" / "tokenizer.json").exists()
+    return workdir
+
+
 @pytest.mark.parametrize(
     "text",
     ["The module provides a [MASK] for the command line.", "[MASK] objects are [MASK] to the process."],
 )
-def test_fill_mask_of_an_imported_bert_gives_transformers_pipeline_top_k(bert_dir, tmp_path, text):
-    workdir = tmp_path / "mj"
-    imported = _cli("import-hf", f"--hf-dir={bert_dir}", f"--out={workdir}")
-    assert "tokenizer:" in imported.stdout and (workdir / "tokenizer" / "tokenizer.json").exists()
+def test_fill_mask_of_an_imported_bert_gives_transformers_pipeline_top_k(bert_dir, bert_mj, text):
+    workdir = bert_mj
     ours = json.loads(
         _cli("fill-mask", f"--workdir={workdir}", f"--text={text}", "--top-k=5", "--json").stdout
     )
@@ -88,16 +96,17 @@ def test_fill_mask_of_an_imported_bert_gives_transformers_pipeline_top_k(bert_di
     assert plain.count("mask ") == text.count("[MASK]") and ours["masks"][0][0]["token"] in plain
 
 
-def test_fill_mask_refuses_a_text_without_a_mask_and_a_gpt_checkpoint(bert_dir, tmp_path, gpt_dir):
-    workdir = tmp_path / "mj"
-    _cli("import-hf", f"--hf-dir={bert_dir}", f"--out={workdir}")
+def test_fill_mask_refuses_a_text_without_a_mask_and_a_gpt_checkpoint(bert_mj, gpt_mj):
+    workdir = bert_mj
     result = _cli("fill-mask", f"--workdir={workdir}", "--text=no mask here", ok=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "has no [MASK]" in result.stderr.strip().splitlines()[-1]
-    gpt = tmp_path / "gpt"
-    _cli("import-hf", f"--hf-dir={gpt_dir}", f"--out={gpt}")
     wrong = _cli(
-        "fill-mask", f"--workdir={gpt}", "--text=a [MASK]", f"--tokenizer={workdir / 'tokenizer'}", ok=False
+        "fill-mask",
+        f"--workdir={gpt_mj}",
+        "--text=a [MASK]",
+        f"--tokenizer={workdir / 'tokenizer'}",
+        ok=False,
     )
     assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
     assert "holds a 'gpt' checkpoint" in wrong.stderr.strip().splitlines()[-1]
@@ -116,9 +125,16 @@ def gpt_dir(tmp_path_factory):
     return d / "hf"
 
 
-def test_greedy_generate_of_an_imported_gpt2_gives_transformers_tokens(gpt_dir, tmp_path):
-    workdir = tmp_path / "mj"
+@pytest.fixture(scope="module")
+def gpt_mj(gpt_dir, tmp_path_factory):
+    """`maskjax import-hf` of gpt_dir, once for the module."""
+    workdir = tmp_path_factory.mktemp("gpt-mj")
     _cli("import-hf", f"--hf-dir={gpt_dir}", f"--out={workdir}")
+    return workdir
+
+
+def test_greedy_generate_of_an_imported_gpt2_gives_transformers_tokens(gpt_dir, gpt_mj):
+    workdir = gpt_mj
     prompt = "The module provides"
     ours = json.loads(
         _cli(
@@ -143,10 +159,8 @@ def test_greedy_generate_of_an_imported_gpt2_gives_transformers_tokens(gpt_dir, 
 
 
 @pytest.fixture(scope="module")
-def gpt(gpt_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("gpt-mj")
-    _cli("import-hf", f"--hf-dir={gpt_dir}", f"--out={workdir}")
-    return infer.load(workdir, ("gpt",))[0]
+def gpt(gpt_mj):
+    return infer.load(gpt_mj, ("gpt",))[0]
 
 
 def test_the_cached_decode_equals_recomputing_every_prefix(gpt):
@@ -195,9 +209,9 @@ def test_generate_compiles_once_whatever_the_number_of_tokens(gpt, caplog):
     assert compiles(40, [7, 8, 9]) == 0  # same shapes again: no compile at all
 
 
-def test_generate_refuses_what_the_model_cannot_do(gpt_dir, tmp_path):
+def test_generate_refuses_what_the_model_cannot_do(gpt_mj, tmp_path):
     workdir = tmp_path / "mj"
-    _cli("import-hf", f"--hf-dir={gpt_dir}", f"--out={workdir}")
+    shutil.copytree(gpt_mj, workdir)  # its tokenizer is moved away below
     for flag, message in (
         ("--max-new-tokens=100", "exceed the model's context of 64"),
         ("--temperature=-1", "--temperature=-1.0 is invalid: must be >= 0"),

@@ -53,7 +53,15 @@ def _rows(workdir: Path) -> list[dict]:
 
 
 def _losses(workdir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in _rows(workdir) if r.get("split") != "eval"}
+    return {r["step"]: r["loss"] for r in _rows(workdir) if "split" not in r}
+
+
+def _knn(workdir: Path) -> dict[int, float]:
+    return {r["step"]: r["knn_top1"] for r in _rows(workdir) if r.get("split") == "evals"}
+
+
+# The k-NN evaluator runs inside the loop too (every process computes the features on the mesh).
+EVALS = {"evals.knn.every": FIRST, "evals.train_examples": 256, "evals.test_examples": 64}
 
 
 def _alive(pid: int) -> bool:
@@ -65,16 +73,20 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory) -> dict[int, float]:
-    """1 process x 8 devices (this one), 6 steps."""
+def reference(data_dir, tmp_path_factory) -> dict[str, dict[int, float]]:
+    """1 process x 8 devices (this one), 6 steps: {"loss": {step: loss}, "knn": {step: top-1}}."""
     workdir = tmp_path_factory.mktemp("reference")
-    train.train(tiny("mae", data_dir, total_steps=TOTAL, eval_every=100, checkpoint_every=100), workdir)
-    return _losses(workdir)
+    train.train(
+        tiny("mae", data_dir, total_steps=TOTAL, eval_every=100, checkpoint_every=100, **EVALS), workdir
+    )
+    return {"loss": _losses(workdir), "knn": _knn(workdir)}
 
 
 def test_2x4_processes_match_1x8_and_resume_on_1x4(data_dir, reference, tmp_path):
     workdir = tmp_path / "run"
-    first = config_file(tmp_path, "mae", data_dir, total_steps=FIRST, eval_every=100, checkpoint_every=FIRST)
+    first = config_file(
+        tmp_path, "mae", data_dir, total_steps=FIRST, eval_every=100, checkpoint_every=FIRST, **EVALS
+    )
     launched = subprocess.run(
         [*LAUNCH, "--processes=2", "--devices-per-process=4", "--", *_train(first, workdir)],
         env=_env(devices=8),  # the launcher must override the 8 host devices conftest asks for
@@ -93,14 +105,19 @@ def test_2x4_processes_match_1x8_and_resume_on_1x4(data_dir, reference, tmp_path
     mesh = json.loads(next(iter(json.loads((params / "_sharding").read_text()).values())))
     assert mesh["shape"] == [8, 1, 1] and len(re.findall(r'"id"', json.dumps(mesh["device_mesh"]))) == 8
     two_by_four = _losses(workdir)
-    # Written by process 0 alone: one row per step, one eval row, and the report after training.
-    assert [r["step"] for r in _rows(workdir)] == [1, 2, 3, 3]
+    # Written by process 0 alone: one row per step, one eval row, k-NN at 0 and 3, the report.
+    assert [r["step"] for r in _rows(workdir)] == [0, 1, 2, 3, 3, 3]
+    knn = _knn(workdir)
+    assert sorted(knn) == [0, FIRST]
+    for s in knn:  # the same features as on 1 x 8 devices, up to rounding (one vote of 64 may flip)
+        assert knn[s] == pytest.approx(reference["knn"][s], abs=1.5 / 64), (s, knn[s], reference["knn"])
     assert (workdir / "report.json").exists()
     # Same global batch and per-device rows as 1 x 8; only the cross-process (gloo) sums round
     # differently: here steps 1-2 match bit for bit and step 3 by one float32 ulp.
     assert sorted(two_by_four) == [1, 2, 3]
     for s in two_by_four:
-        assert two_by_four[s] == pytest.approx(reference[s], rel=1e-6), (s, two_by_four[s], reference[s])
+        ref = reference["loss"][s]
+        assert two_by_four[s] == pytest.approx(ref, rel=1e-6), (s, two_by_four[s], ref)
 
     # The 2-process checkpoint, resumed by a single process with 4 devices.
     rest = config_file(tmp_path, "mae", data_dir, total_steps=TOTAL, eval_every=100, checkpoint_every=100)
@@ -113,7 +130,7 @@ def test_2x4_processes_match_1x8_and_resume_on_1x4(data_dir, reference, tmp_path
     assert sorted(after) == list(range(1, TOTAL + 1))
     # 4 devices reduce the batch in another order than 8: equal to rounding, not to the bit.
     for s in range(FIRST + 1, TOTAL + 1):
-        assert after[s] == pytest.approx(reference[s], rel=1e-5), (s, after[s], reference[s])
+        assert after[s] == pytest.approx(reference["loss"][s], rel=1e-5), (s, after[s], reference["loss"][s])
 
 
 def _start_launcher(command: list[str], log: Path, **flags) -> tuple[subprocess.Popen, dict[str, int]]:

@@ -264,7 +264,8 @@ def test_ridge_probe_predicts_as_sklearn_ridge_on_the_same_design():
 
 def test_pre_training_logs_knn_and_ridge_from_step_0(data_dir, tmp_path):
     c = tiny("mae", data_dir, total_steps=4)
-    c.evals.knn.update(every=2, test_examples=100)
+    c.evals.update(train_examples=300, test_examples=100)
+    c.evals.knn.every = 2
     c.evals.ridge.update(every=4)
     train.train(c, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -283,7 +284,7 @@ def test_pre_training_logs_knn_and_ridge_from_step_0(data_dir, tmp_path):
         plain = ml_collections.ConfigDict(c.to_dict())
         plain.data.eval_split = split
         source, transform = loaders.source_and_transform(plain, "eval")
-        n = len(source) if split == "train" else 100
+        n = 300 if split == "train" else 100
         rows_ = [transform(source[i]) for i in range(n)]
         images[split] = (np.stack([r["image"] for r in rows_]), np.array([r["label"] for r in rows_]))
     feats = {s: np.asarray(trainer.method.features(model, jnp.asarray(x))) for s, (x, _) in images.items()}
@@ -302,3 +303,64 @@ def test_evals_on_a_family_without_image_features_is_a_config_error(data_dir):
         bad = ml_collections.ConfigDict(c.to_dict())
         bad.evals.unknown = dict(every=1)
         features.FeatureEvals(trainer, bad)
+
+
+def test_label_efficiency_runs_both_starts_at_every_share_and_plots_them(
+    data_dir, mae_workdir, tmp_path, capsys
+):
+    from maskjax import transfer
+
+    c = tiny("image_classification", data_dir, total_steps=2, checkpoint_every=2)
+    result = transfer.run(c, str(mae_workdir), tmp_path, [0.1])
+    out = capsys.readouterr().out
+    assert result["fractions"] == [0.1] and len(result["pretrained"]) == len(result["scratch"]) == 1
+    for arm in transfer.ARMS:
+        for f, top1 in zip(result["fractions"], result[arm], strict=True):
+            report = json.loads((tmp_path / f"{arm}-{f:g}" / "report.json").read_text())
+            assert report["top1"] == top1 and report["eval_images"] == 297
+    assert out.count(f"arrays from {mae_workdir}") == 1  # the pre-trained arm only
+    assert "10%" in out.splitlines()[-2]  # the table's row
+    assert json.loads((tmp_path / "label_efficiency.json").read_text())["scratch"] == result["scratch"]
+    assert (tmp_path / "label_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_beit_features_pool_the_unmasked_patch_tokens():
+    from maskjax import methods, models
+    from maskjax.models import beit
+
+    cfg = beit.BeitConfig(
+        image_size=8, patch_size=2, channels=1, hidden=32, layers=2, heads=2, mlp_dim=64, codebook_size=16
+    )
+    model = models.build("beit", cfg)
+    images = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+    got = methods.get("beit").features(model, images)
+    hidden = model(images, jnp.zeros((3, cfg.num_patches), bool))["hidden"]
+    np.testing.assert_allclose(got, hidden[:, 1:].mean(1), rtol=1e-5, atol=1e-6)
+    assert got.shape == (3, 32) and not np.allclose(got[0], got[1])
+
+
+def test_reconstruct_draws_figure_2_from_a_workdir(mae_workdir, tmp_path):
+    """Row 4 is row 3 with the visible patches of row 1 pasted back; the command names a bad ratio."""
+    from maskjax import infer
+    from maskjax.evaluators import reconstruction
+
+    model, cfg = infer.load(mae_workdir, ("mae",))
+    images = jax.random.normal(jax.random.key(1), (4, cfg.image_size, cfg.image_size, cfg.channels))
+    out = reconstruction.reconstruct(model, images, jax.random.key(2), 0.75, False)
+    p = cfg.patch_size
+    patches = {k: vit.patchify(out[k], p) for k in ("original", "masked", "reconstruction", "pasted")}
+    visible = np.asarray(jnp.any(patches["masked"] != 0, axis=-1))  # random pixels: never exactly 0
+    assert visible.sum(1).tolist() == [cfg.num_patches // 4] * 4  # 25% visible in every image
+    np.testing.assert_allclose(patches["pasted"][visible], patches["original"][visible], atol=1e-6)
+    np.testing.assert_allclose(patches["pasted"][~visible], patches["reconstruction"][~visible], atol=1e-6)
+
+    figure = tmp_path / "fig.png"
+    run = subprocess.run(
+        [sys.executable, "-m", "maskjax", "reconstruct", f"--workdir={mae_workdir}", f"--out={figure}",
+         "--n=5", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result["images"] == 5 and result["mask_ratio"] == 0.75 and result["figure"] == str(figure)
+    assert 0 < result["reconstruction_loss"] and figure.read_bytes()[:4] == b"\x89PNG"

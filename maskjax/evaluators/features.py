@@ -9,9 +9,10 @@
          big_vision runs on supervised ViTs: W = (XᵀX + λ·n·I)⁻¹ XᵀY on standardised features
          with a bias column; the class is argmax X·W.
 
-Both fit on `train_examples` images of the run's own `data.train_split` and score the first
-`test_examples` of `data.eval_split` (the eval transform, labels as stored). The features are the
-method's `features(model, images)` (MAE: the encoder on every patch, [CLS] after the final norm).
+Both fit on the first `evals.train_examples` images of the run's own `data.train_split` and score
+the first `evals.test_examples` of `data.eval_split` (0: all; the eval transform, labels as stored).
+The features are the method's `features(model, images)` (MAE: the encoder on every patch, [CLS]
+after the final norm).
 They are computed by one jitted program on the run's mesh (every process takes part, the result is
 replicated), so the evaluators run inside the loop of any multi-process job; the fits are numpy.
 """
@@ -27,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 NAMES = ("knn", "ridge")
+_SIZES = ("train_examples", "test_examples")  # config.evals' shared settings beside the evaluators
 
 
 def knn_top1(
@@ -70,7 +72,7 @@ class FeatureEvals:
     """The run's `config.evals`, built once: labelled images on the host, one jitted feature program."""
 
     def __init__(self, trainer: Any, config: ml_collections.ConfigDict):
-        evals = config.get("evals") or {}
+        evals = {k: v for k, v in (config.get("evals") or {}).items() if k not in _SIZES}
         unknown = sorted(set(evals) - set(NAMES))
         if unknown:
             from maskjax.errors import ConfigError
@@ -107,7 +109,7 @@ class FeatureEvals:
                 plain = ml_collections.ConfigDict(self.config.to_dict())
                 plain.data.eval_split = split  # the images as they are: no augmentation
                 source, transform = loaders.source_and_transform(plain, "eval")
-                n = min(len(source), max(int(evals[name].get(cap, 0)) for name in self.every) or len(source))
+                n = min(len(source), int(evals.get(cap, 0)) or len(source))
                 rows = [transform(source[i]) for i in range(n)]
                 self.data[part] = (np.stack([r["image"] for r in rows]), np.array([r["label"] for r in rows]))
         return self.data

@@ -1,7 +1,9 @@
 """MAE after training: held-out reconstruction error beside a trivial baseline, and a figure.
 
 The baseline predicts every masked patch as the average patch of the same images, in the loss's
-target space, so "better than the baseline" means the model uses the visible patches.
+target space, so "better than the baseline" means the model uses the visible patches. The figure is
+MAE's Figure 2: original | masked | reconstruction | reconstruction with the visible patches pasted
+back. `from_workdir` draws it for any MAE checkpoint (`maskjax reconstruct`).
 """
 
 from __future__ import annotations
@@ -43,18 +45,20 @@ def reconstruct(
         "baseline": losses.mae_loss(mean_patch, normalized, m.mask),
         "original": images,
         "masked": vit.unpatchify(target * keep, cfg.patch_size, grid),
-        "reconstruction": vit.unpatchify(shown * (1 - keep) + target * keep, cfg.patch_size, grid),
+        "reconstruction": vit.unpatchify(shown, cfg.patch_size, grid),
+        "pasted": vit.unpatchify(shown * (1 - keep) + target * keep, cfg.patch_size, grid),
     }
 
 
 def figure(out: dict, mean: np.ndarray, std: np.ndarray, path: epath.Path, n: int = 8) -> None:
-    """Rows: originals / masked inputs / reconstructions with the visible patches pasted (MAE Fig. 2)."""
+    """Rows: originals / masked inputs / reconstructions / the same with the visible patches pasted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = ("original", "masked", "reconstruction")
+    rows = ("original", "masked", "reconstruction", "pasted")
+    titles = {"pasted": "+ visible"}
     n = min(n, out["original"].shape[0])
     fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.4 * len(rows)), squeeze=False)
     for r, name in enumerate(rows):
@@ -65,7 +69,7 @@ def figure(out: dict, mean: np.ndarray, std: np.ndarray, path: epath.Path, n: in
             ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[r, 0].set_ylabel(name, fontsize=8)
+        axes[r, 0].set_ylabel(titles.get(name, name), fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
@@ -93,7 +97,61 @@ def mae_reconstruction(
     print(
         f"MAE held-out reconstruction loss (masked patches): {result['eval_reconstruction_loss']:.4f}   "
         f"predict-the-mean-patch baseline: {result['mean_patch_baseline']:.4f}\n"
-        f"figure (originals / masked / reconstructions): {path}",
+        f"figure (originals / masked / reconstructions / with the visible patches): {path}",
         flush=True,
     )
     return result
+
+
+def from_workdir(
+    workdir: str,
+    out: str | None = None,
+    *,
+    mask_ratio: float | None = None,
+    n: int = 8,
+    dataset: str | None = None,
+    split: str | None = None,
+    data_dir: str | None = None,
+    step: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """Figure 2 for `n` held-out images of an MAE checkpoint (trained here or imported); the masked-patch
+    loss and the mean-patch baseline over them. Data, split and mask ratio default to the run's own
+    (WORKDIR/config.json); an imported checkpoint names its dataset."""
+    import json
+
+    from maskjax import defaults, infer
+    from maskjax.data import image_datasets, loaders
+
+    model, cfg = infer.load(workdir, ("mae",), step)
+    saved = epath.Path(workdir) / "config.json"
+    if saved.exists():  # the run's own data and masking
+        config = ml_collections.ConfigDict(json.loads(saved.read_text()))
+    elif dataset is None:
+        raise ValueError(
+            f"{workdir} has no config.json (an imported checkpoint?): name the images with --dataset"
+        )
+    else:
+        config = defaults.base("mae")
+    for key, value in dict(dataset=dataset, eval_split=split, data_dir=data_dir).items():
+        if value is not None:
+            config.data[key] = value
+    config.data.image_size = cfg.image_size
+    ratio = mask_ratio if mask_ratio is not None else config.get("masking", {}).get("ratio", 0.75)
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"--mask-ratio={ratio} is invalid: must be in (0, 1)")
+    source, transform = loaders.source_and_transform(config, "eval")
+    images = np.stack([transform(source[i])["image"] for i in range(min(n, len(source)))])
+    norm_pix = bool(config.get("masking", {}).get("norm_pix_loss", False))
+    run_fn = jax.jit(lambda mdl, x, k: reconstruct(mdl, x, k, ratio, norm_pix))
+    result = run_fn(model, jnp.asarray(images), jax.random.key(seed))
+    mean, std = image_datasets.normalization(config.data.dataset, loaders.data_dir(config.data))
+    path = epath.Path(out) if out else epath.Path(workdir) / "reconstructions.png"
+    figure(result, np.asarray(mean, np.float32), np.asarray(std, np.float32), path, n=len(images))
+    return {
+        "reconstruction_loss": float(result["loss"]),
+        "mean_patch_baseline": float(result["baseline"]),
+        "images": len(images),
+        "mask_ratio": ratio,
+        "figure": str(path),
+    }

@@ -159,6 +159,13 @@ def validate(config: Any, model_cfg: beit.BeitConfig) -> None:
         )
 
 
+def features(model: Any, images: jax.Array) -> jax.Array:
+    """(B, D): nothing masked, the patch tokens of the last block averaged (BEiT's probes pool patches)."""
+    b, n = images.shape[0], model.cfg.num_patches
+    out = model(images, jnp.zeros((b, n), bool), masked_positions=jnp.zeros((b, 1), jnp.int32))
+    return out["hidden"][:, 1:].mean(axis=1)
+
+
 BEIT = Method(
     name="beit",
     model="beit",
@@ -170,4 +177,5 @@ BEIT = Method(
     validate=validate,
     extras=extras,
     extras_spec=extras_spec,
+    features=features,
 )
