@@ -61,7 +61,7 @@ def _figure(result: dict, config: ml_collections.ConfigDict, path: epath.Path) -
 
     percent = [100 * f for f in result["fractions"]]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for arm, label in (("pretrained", f"from {result['init']}"), ("scratch", "from scratch")):
+    for arm, label in (("pretrained", "pre-trained (--init)"), ("scratch", "from scratch")):
         ax.plot(percent, result[arm], marker="o", label=label)
     ax.set_xscale("log")
     ax.set_xticks(percent, [f"{p:g}%" for p in percent])

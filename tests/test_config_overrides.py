@@ -109,7 +109,9 @@ def _variants() -> list[tuple[str, str, str]]:
         sizes = getattr(_module(spec), "SIZES", None)
         if sizes:
             stem = Path(spec).stem
-            own = next(size for size in sizes if stem.endswith("_" + size))
+            own = next((size for size in sizes if stem.endswith("_" + size)), None)
+            if own is None:  # a recipe over every size (configs/finetune/imagenet.py): no size files
+                continue
             prefix = stem[: -len(own)]
             out += [(spec, size, str(Path(spec).with_name(f"{prefix}{size}.py"))) for size in sizes]
     return out
@@ -128,6 +130,21 @@ def test_every_sized_family_has_variants():
 def test_variant_equals_its_size_file(base, size, size_file):
     assert size_file in CONFIGS, f"{base}:{size} has no file {size_file}"
     assert load(f"{base}:{size}").to_dict() == load(size_file).to_dict()
+
+
+@pytest.mark.parametrize("spec", ["configs/finetune/imagenet.py", "configs/probe/imagenet.py"])
+def test_the_transfer_recipes_take_the_mae_encoder_of_every_size(spec):
+    """MAE Tables 9 and 10 over ViT-B/16, L/16, H/14: the encoder sizes of configs/mae_vit_base.py."""
+    for size, (hidden, layers, patch) in {
+        "base": (768, 12, 16),
+        "large": (1024, 24, 16),
+        "huge": (1280, 32, 14),
+    }.items():
+        c, mae = load(f"{spec}:{size}"), load(f"configs/mae_vit_base.py:{size}")
+        assert (c.model.hidden, c.model.layers, c.model.patch_size) == (hidden, layers, patch)
+        for key in ("hidden", "layers", "heads", "mlp_dim", "patch_size", "image_size"):
+            assert c.model[key] == mae.model[key], (size, key)
+        config_lib.validate(c, 8)  # the whole recipe checks out, with 1,000 classes
 
 
 def test_sizes_differ():

@@ -113,6 +113,58 @@ def test_fill_mask_refuses_a_text_without_a_mask_and_a_gpt_checkpoint(bert_mj, g
 
 
 @pytest.fixture(scope="module")
+def roberta_dir(tmp_path_factory):
+    """A transformers RobertaForMaskedLM (random, seeded) with a byte-level BPE trained here, as
+    save_pretrained writes them (vocab.json + merges.txt: RobertaTokenizerFast's own files)."""
+    d = tmp_path_factory.mktemp("hf-roberta")
+    tok = tokenizers.train_bpe(_texts(), vocab_size=500)  # RoBERTa's specials: <s> <pad> </s> <unk> <mask>
+    tok.save(d / "bpe")
+    # As in roberta-base's tokenizer.json, <mask> is lstrip: it takes the space before it.
+    spec = json.loads((d / "bpe" / "tokenizer.json").read_text())
+    for added in spec["added_tokens"]:
+        added["lstrip"] = added["content"] == "<mask>"
+    (d / "bpe" / "tokenizer.json").write_text(json.dumps(spec))
+    hf_tok = transformers.RobertaTokenizerFast.from_pretrained(str(d / "bpe"))
+    assert hf_tok("a <mask>")["input_ids"] == [0, *tok.encode("a"), tok.mask_id, 2]
+    assert hf_tok.mask_token_id == tok.mask_id and hf_tok.pad_token_id == tok.pad_id == 1
+    torch.manual_seed(2)
+    cfg = transformers.RobertaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=66,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    model = transformers.RobertaForMaskedLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.decoder.weight.mul_(8.0)  # tied to the word embeddings: peaked outputs
+    model.save_pretrained(d / "hf")
+    hf_tok.save_pretrained(d / "hf")
+    return d / "hf"
+
+
+def test_fill_mask_of_an_imported_roberta_gives_transformers_pipeline_top_k(roberta_dir, tmp_path):
+    """<mask> takes the space before it (lstrip), positions start at pad_id + 1: as transformers."""
+    workdir = tmp_path / "mj"
+    _cli("import-hf", f"--hf-dir={roberta_dir}", f"--out={workdir}")
+    text = "The module provides a <mask> for the command line, and <mask> objects."
+    ours = json.loads(
+        _cli("fill-mask", f"--workdir={workdir}", f"--text={text}", "--top-k=5", "--json").stdout
+    )
+    pipe = transformers.pipeline("fill-mask", model=str(roberta_dir), tokenizer=str(roberta_dir), top_k=5)
+    theirs = pipe(text)
+    assert len(ours["masks"]) == len(theirs) == 2
+    for mine, ref in zip(ours["masks"], theirs, strict=True):
+        assert [r["token_id"] for r in mine] == [r["token"] for r in ref]
+        np.testing.assert_allclose([r["score"] for r in mine], [r["score"] for r in ref], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
 def gpt_dir(tmp_path_factory):
     """A transformers GPT2LMHeadModel (random, seeded) beside a byte-level BPE trained here."""
     d = tmp_path_factory.mktemp("hf-gpt")

@@ -40,9 +40,12 @@ JOB_VARIABLES = [
 def _env(devices: int | None = None, **extra: str) -> dict[str, str]:
     """The test's environment minus conftest's 8 host devices (a child sets its own)."""
     env = {k: v for k, v in os.environ.items() if k not in JOB_VARIABLES}
-    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\S*", "", env.get("XLA_FLAGS", ""))
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", env.get("XLA_FLAGS", "")).split()
     if devices is not None:
-        env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    if not flags:  # XLA reads a blank XLA_FLAGS as a file name and aborts
+        env.pop("XLA_FLAGS")
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"
     return {**env, **extra}

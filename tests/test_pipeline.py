@@ -314,3 +314,31 @@ def test_two_real_processes_assemble_the_single_process_batches(tmp_path):
     for step in range(3):
         for k in want[step]:
             np.testing.assert_array_equal(got[f"{k}{step}"], want[step][k])
+
+
+def test_two_jobs_preparing_one_dataset_take_turns(tmp_path):
+    """The second of two runs started at once waits for the first one's prepare, then finds it built."""
+    import threading
+    import time
+
+    from maskjax.data import loaders
+
+    events: list[tuple[str, str]] = []
+
+    def prepare(name: str) -> None:
+        events.append(("start", name))
+        time.sleep(0.3)
+        (tmp_path / "digits").mkdir(exist_ok=True)
+        events.append(("end", name))
+
+    threads = [
+        threading.Thread(target=loaders._locked, args=(str(tmp_path / "digits"), lambda n=n: prepare(n)))
+        for n in ("a", "b")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    kinds = [k for k, _ in events]
+    assert kinds == ["start", "end", "start", "end"], events  # never both inside at once
+    assert events[0][1] == events[1][1] and events[2][1] == events[3][1]

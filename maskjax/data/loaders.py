@@ -15,6 +15,7 @@ loader afterwards only reads.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 from pathlib import Path
@@ -38,6 +39,24 @@ def data_dir(data: ml_collections.ConfigDict) -> Path:
 _PREPARED: set[str] = set()  # datasets this process has seen prepared by all: no second barrier
 
 
+def _locked(key: str, prepare) -> None:
+    """`prepare()` (quiet) holding an exclusive lock beside the dataset's folder `key`: two jobs started at
+    once on one machine build it once; the second finds it built. Object stores (gs://) take no lock."""
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    if "://" in key:
+        with quiet:
+            prepare()
+        return
+    folder = Path(key)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as lock, quiet:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            prepare()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _once(key: str, prepare) -> None:
     """Prepare on process 0 only; the other processes wait for it (one shared file system).
 
@@ -45,16 +64,13 @@ def _once(key: str, prepare) -> None:
     runs on process 0 alone) return at once instead of waiting for processes that never come.
     tfds prints its own banner to stdout when it builds; `prepare` below says where the data is.
     """
-    quiet = lambda: contextlib.redirect_stdout(io.StringIO())
     if jax.process_count() == 1:
-        with quiet():
-            prepare()
+        _locked(key, prepare)
         return
     if key in _PREPARED:
         return
     if jax.process_index() == 0:
-        with quiet():
-            prepare()
+        _locked(key, prepare)
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices("maskjax: dataset prepared")
