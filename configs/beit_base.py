@@ -126,12 +126,6 @@ def get_config(size: str = "base") -> ml_collections.ConfigDict:
     )
     # Appendix: 800 epochs, 10 warmup epochs, cosine decay to the minimal lr 1e-5.
     c.schedule.update(epochs=800, warmup_epochs=10, decay="cosine", end_lr=1e-5)
-    batch, epochs, warmup = (
-        c.get_ref("global_batch_size"),
-        c.schedule.get_ref("epochs"),
-        c.schedule.get_ref("warmup_epochs"),
-    )
-    # ceil: 500,456 steps at 800 epochs (the release drops each epoch's last partial batch: 500,000)
-    c.total_steps = (epochs * IMAGENET_TRAIN_IMAGES + batch - 1) // batch
-    c.schedule.warmup_steps = (warmup * IMAGENET_TRAIN_IMAGES + batch - 1) // batch  # 6,256
+    # 500,456 steps at 800 epochs (the release drops each epoch's last partial batch: 500,000), 6,256 warmup
+    defaults.steps_from_epochs(c, IMAGENET_TRAIN_IMAGES)
     return c

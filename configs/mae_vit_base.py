@@ -93,11 +93,5 @@ def get_config(size: str = "base") -> ml_collections.ConfigDict:
     # Sec. 4: 800 epochs for the ablations (1600 for the final entries of Table 3); Table 8: 40 warmup epochs,
     # cosine decay (to 0: the reference's min_lr).
     c.schedule.update(epochs=800, warmup_epochs=40, decay="cosine", end_lr=0.0)
-    batch, epochs, warmup = (
-        c.get_ref("global_batch_size"),
-        c.schedule.get_ref("epochs"),
-        c.schedule.get_ref("warmup_epochs"),
-    )
-    c.total_steps = (epochs * IMAGENET_TRAIN_IMAGES + batch - 1) // batch  # ceil: 250,228 at 800 epochs
-    c.schedule.warmup_steps = (warmup * IMAGENET_TRAIN_IMAGES + batch - 1) // batch  # 12,512
+    defaults.steps_from_epochs(c, IMAGENET_TRAIN_IMAGES)  # 250,228 steps at 800 epochs, 12,512 warmup
     return c

@@ -142,6 +142,15 @@ def base(family: str) -> ml_collections.ConfigDict:
     return c
 
 
+def steps_from_epochs(c: ml_collections.ConfigDict, train_images: int) -> None:
+    """Set total_steps and schedule.warmup_steps from schedule.epochs / warmup_epochs, as references:
+    steps = ⌈epochs · train_images / global_batch_size⌉, so `--config.schedule.epochs=1600` or another
+    batch moves them too (the papers count epochs, the loop counts steps)."""
+    batch = c.get_ref("global_batch_size")
+    c.total_steps = (c.schedule.get_ref("epochs") * train_images + batch - 1) // batch
+    c.schedule.warmup_steps = (c.schedule.get_ref("warmup_epochs") * train_images + batch - 1) // batch
+
+
 def from_file(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
     """`get_config(arg)` of the config file at `path`, as `--config=PATH:ARG` would load it.
 

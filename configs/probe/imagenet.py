@@ -51,9 +51,5 @@ def get_config(size: str = "base") -> ml_collections.ConfigDict:
     )
     # Table 10: 90 epochs, 10 warmup epochs, cosine decay.
     c.schedule.update(epochs=90, warmup_epochs=10, decay="cosine", end_lr=0.0)
-    batch = c.get_ref("global_batch_size")
-    c.total_steps = (c.schedule.get_ref("epochs") * IMAGENET_TRAIN_IMAGES + batch - 1) // batch
-    c.schedule.warmup_steps = (
-        c.schedule.get_ref("warmup_epochs") * IMAGENET_TRAIN_IMAGES + batch - 1
-    ) // batch
+    defaults.steps_from_epochs(c, IMAGENET_TRAIN_IMAGES)
     return c
