@@ -440,7 +440,7 @@ COMMANDS: dict[str, Command] = {
         "an MAE pre-training run, or a transformers directory), the task head fresh, every weight trains; "
         "same mesh, checkpoints, resume and metrics as pre-training. Without --init it trains from "
         "scratch, the baseline. Ends with top-1 on the whole held-out split (report.json).",
-        "maskjax finetune --config=configs/finetune/digits.py --init=/tmp/maskjax-mae --workdir=/tmp/ft",
+        "maskjax finetune --config=configs/finetune/demo.py --init=/tmp/maskjax-mae --workdir=/tmp/ft",
     ),
     "probe": Command(
         _transfer_flags,
@@ -450,7 +450,7 @@ COMMANDS: dict[str, Command] = {
         "A train run of a probe config: the encoder from --init stays frozen (no gradient, no optimizer "
         "state); its feature passes BatchNorm without affine parameters into a linear head, the only "
         "part that trains. Ends with top-1 on the whole held-out split (report.json).",
-        "maskjax probe --config=configs/probe/digits.py --init=/tmp/maskjax-mae --workdir=/tmp/probe",
+        "maskjax probe --config=configs/probe/demo.py --init=/tmp/maskjax-mae --workdir=/tmp/probe",
     ),
     "label-efficiency": Command(
         _label_efficiency_flags,
@@ -461,7 +461,7 @@ COMMANDS: dict[str, Command] = {
         "config twice, from --init and from scratch, into WORKDIR/pretrained-F and WORKDIR/scratch-F, "
         "then writes label_efficiency.json and label_efficiency.png (top-1 against the share, both "
         "curves) and prints the table. Runs that finished are only evaluated again.",
-        "maskjax label-efficiency --config=configs/finetune/digits.py --init=/tmp/maskjax-mae --workdir=/tmp/le",  # noqa: E501
+        "maskjax label-efficiency --config=configs/finetune/demo.py --init=/tmp/maskjax-mae --workdir=/tmp/le",  # noqa: E501
     ),
     "prepare-text": Command(
         _prepare_text_flags,

@@ -17,8 +17,8 @@ FAMILIES = ("mae", "bert", "roberta", "gpt", "vqvae", "beit")
 # configs/ file of each family the tests shrink: the demos, and the transfer recipes on digits.
 CONFIGS = {
     **{family: f"demo/{family}.py" for family in FAMILIES},
-    "image_classification": "finetune/digits.py",
-    "linear_probe": "probe/digits.py",
+    "image_classification": "finetune/demo.py",
+    "linear_probe": "probe/demo.py",
 }
 
 
