@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import textwrap
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
@@ -737,6 +738,17 @@ def _quiet_native_logs() -> None:
             sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
+def from_orbax(record: logging.LogRecord) -> bool:
+    """A record orbax logged, or one about an orbax task: its message or its traceback's frames name orbax.
+
+    asyncio's "Future exception was never retrieved" for a failed orbax write names orbax only in the
+    traceback it carries (exc_info), and only when the task is collected before the process ends."""
+    if "/orbax/" in record.pathname or "/orbax/" in record.getMessage():
+        return True
+    tb = record.exc_info[2] if record.exc_info else None
+    return tb is not None and any("/orbax/" in frame.filename for frame in traceback.extract_tb(tb))
+
+
 def _quiet_python_logs() -> None:
     """After absl parsed the flags (it turns INFO on when --verbosity is absent): warnings and up only.
 
@@ -748,8 +760,8 @@ def _quiet_python_logs() -> None:
     """
     logging.root.setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.ERROR)
-    logging.getLogger("absl").addFilter(lambda r: "/orbax/" not in r.pathname)
-    logging.getLogger("asyncio").addFilter(lambda r: "/orbax/" not in r.getMessage())
+    logging.getLogger("absl").addFilter(lambda r: not from_orbax(r))
+    logging.getLogger("asyncio").addFilter(lambda r: not from_orbax(r))
     # ...and tensorstore's write callbacks, finding orbax's event loop closed after the first failure,
     # report "Event loop is closed" as an unraisable error, once per pending write.
     report = sys.unraisablehook

@@ -104,3 +104,29 @@ def test_a_demo_run_prints_maskjax_lines_and_no_library_logs(tmp_path):
     noise = re.compile(r"^[IWE]\d{4} | INFO |absl|tensorflow_datasets|Generating|libtpu|TPU_|jellyfish", re.M)
     for stream in (result.stdout, result.stderr):
         assert not noise.search(stream), stream[-3000:]
+
+
+def test_quiet_mode_drops_what_orbax_logs_even_when_only_its_traceback_names_it():
+    """asyncio's "Future exception was never retrieved" after a failed orbax write (a full disk) carries
+    orbax only in its traceback; maskjax's own one-line error says it instead."""
+    import logging
+
+    from maskjax import cli
+
+    def record(message: str, pathname: str = "/usr/lib/python3.11/asyncio/base_events.py", exc=None):
+        return logging.LogRecord("asyncio", logging.ERROR, pathname, 1, message, None, exc)
+
+    namespace: dict = {}
+    source = "def write():\n    raise OSError(28, 'No space left on device')\n"
+    exec(compile(source, "/venv/orbax/checkpoint/path.py", "exec"), namespace)  # a frame in orbax
+    try:
+        namespace["write"]()
+    except OSError:
+        from_orbax_task = record("Future exception was never retrieved", exc=sys.exc_info())
+    try:
+        raise ValueError("a user's own task")
+    except ValueError:
+        other_task = record("Task exception was never retrieved", exc=sys.exc_info())
+    assert cli.from_orbax(from_orbax_task)
+    assert cli.from_orbax(record("x", pathname="/venv/orbax/checkpoint/_src/handlers.py"))
+    assert not cli.from_orbax(other_task) and not cli.from_orbax(record("plain"))
