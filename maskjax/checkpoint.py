@@ -508,3 +508,13 @@ def load_params(
         good, restored, _ = _first_good(mngr, steps, items)
     family, cfg = found[good]
     return family, cfg, restored["params"]
+
+
+def model_config(workdir: str | os.PathLike) -> tuple[str, Any]:
+    """(family, model config) of the newest checkpoint in `workdir`: its `model` item only, no arrays."""
+    with manager(workdir, read_only=True) as mngr:
+        steps = mngr.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint under {checkpoints_dir(workdir)}")
+        spec = _restore_item(mngr, max(steps), "model", ocp.args.JsonRestore())
+    return spec["family"], models.make_config(spec["family"], spec["config"], drop_moved=True)

@@ -110,6 +110,15 @@ def base(family: str) -> ml_collections.ConfigDict:
             corpus=config_dict.placeholder(str),  # None: the bundled demo corpus
             prepare_seed=0,  # the train/validation split and NSP pairing when prepared on first use
         )
+    elif data_kind == "labelled_text":  # data/labelled_text.py
+        data.update(
+            dataset="",  # a local set (polarity, reuters_grain, reuters_corn, jsonl) or a prepared tfds name
+            # jsonl: the folder of SPLIT.jsonl files; reuters_*: the folder of weka's ARFF files
+            root=config_dict.placeholder(str),
+            tokenizer=config_dict.placeholder(str),  # None: the one config.init carries
+            seq_length=128,
+            label_fraction=1.0,
+        )
     else:  # image families (data/loaders.py's defaults)
         data.update(
             scale=(0.2, 1.0),  # RandomResizedCrop area range
@@ -142,13 +151,14 @@ def base(family: str) -> ml_collections.ConfigDict:
     return c
 
 
-def steps_from_epochs(c: ml_collections.ConfigDict, train_images: int) -> None:
+def steps_from_epochs(c: ml_collections.ConfigDict, train_images: int | config_dict.FieldReference) -> None:
     """Set total_steps and schedule.warmup_steps from schedule.epochs / warmup_epochs, as references:
     steps = ⌈epochs · train_images / global_batch_size⌉, so `--config.schedule.epochs=1600` or another
     batch moves them too (the papers count epochs, the loop counts steps)."""
     batch = c.get_ref("global_batch_size")
     c.total_steps = (c.schedule.get_ref("epochs") * train_images + batch - 1) // batch
-    c.schedule.warmup_steps = (c.schedule.get_ref("warmup_epochs") * train_images + batch - 1) // batch
+    warmup = (c.schedule.get_ref("warmup_epochs") * train_images + batch - 1) // batch
+    c.schedule.warmup_steps = warmup.to_int()  # a fractional warmup_epochs (BERT: 10% of 3) as well
 
 
 def from_file(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:

@@ -423,6 +423,39 @@ def _weights(source: str) -> tuple[str, dict]:
     return family, jax.tree.map(np.asarray, params)
 
 
+def with_init_architecture(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with the model fields its method takes from `config.init` (`Method.init_fields`) set
+    to the checkpoint's values: a fine-tuning config then serves an encoder of any size."""
+    fields = methods.get(config.family).init_fields
+    if not fields or not config.get("init"):
+        return config
+    path = epath.Path(config.init)
+    if not path.exists():
+        raise ConfigError(
+            f"init={config.init} does not exist: give a maskjax workdir or a transformers directory"
+        )
+    if (path / "config.json").exists() and not (path / "checkpoints").exists():
+        from maskjax import interop
+
+        try:
+            _, cfg = interop.config_of(config.init)
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"init={config.init}: {e}") from None
+    else:
+        _, cfg = checkpoint.model_config(config.init)
+    values = {f: getattr(cfg, f) for f in fields}
+    changed = {f: v for f, v in values.items() if config.model.get(f) != v}
+    if not changed:
+        return config
+    if jax.process_index() == 0:
+        said = ", ".join(f"{f}={v}" for f, v in changed.items())
+        print(f"model: {said} (the architecture of {config.init})", flush=True)
+    out = ml_collections.ConfigDict(config.to_dict())
+    for f, v in changed.items():
+        out.model[f] = v
+    return out
+
+
 def _only(params: dict, missing: list[str]) -> dict:
     """`params` without the paths ("/a/b/c") the transformers checkpoint did not have."""
     gone = set(missing)
@@ -511,6 +544,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
     if _is_local(workdir):
         workdir = epath.Path(os.path.abspath(workdir))
     workdir.mkdir(parents=True, exist_ok=True)
+    config = with_init_architecture(config)
     schedule = config_lib.phases(config)
     for _, phase_config in schedule:  # every phase is checked before anything is built or read
         config_lib.validate(phase_config, len(devices) if devices is not None else jax.device_count())

@@ -177,7 +177,7 @@ def test_finetune_command_reports_top1_over_every_held_out_image(data_dir, mae_w
     assert f"arrays from {mae_workdir}" in run.stdout and "freshly initialised: /head" in run.stdout
     report = json.loads((workdir / "report.json").read_text())
     validation = image_datasets.open_source("digits", "validation", data_dir)
-    assert report["eval_images"] == len(validation) == 297
+    assert report["eval_examples"] == len(validation) == 297
     # The same number from the saved weights, image by image.
     family, model_cfg, params = checkpoint.load_params(workdir)
     model = nnx.merge(nnx.graphdef(vit.Vit(model_cfg, rngs=nnx.Rngs(0))), params)
@@ -317,7 +317,7 @@ def test_label_efficiency_runs_both_starts_at_every_share_and_plots_them(
     for arm in transfer.ARMS:
         for f, top1 in zip(result["fractions"], result[arm], strict=True):
             report = json.loads((tmp_path / f"{arm}-{f:g}" / "report.json").read_text())
-            assert report["top1"] == top1 and report["eval_images"] == 297
+            assert report["top1"] == top1 and report["eval_examples"] == 297
     assert out.count(f"arrays from {mae_workdir}") == 1  # the pre-trained arm only
     assert "10%" in out.splitlines()[-2]  # the table's row
     assert json.loads((tmp_path / "label_efficiency.json").read_text())["scratch"] == result["scratch"]

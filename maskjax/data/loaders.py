@@ -89,6 +89,40 @@ def _image_source(data: ml_collections.ConfigDict, split: str, train: bool) -> t
     return source, mean, std
 
 
+def _labelled_text_source(data: ml_collections.ConfigDict, split: str, train: bool) -> Any:
+    from maskjax.data import labelled_text
+
+    name, root = data.dataset, data_dir(data)
+    if name in labelled_text.BUILDERS:
+        _once(
+            f"{root}/{labelled_text.stored_name(name, data.root)}",
+            lambda: labelled_text.prepare(name, root, data.root),
+        )
+    source = labelled_text.open_source(labelled_text.stored_name(name, data.root), split, root)
+    fraction = data.get("label_fraction", 1.0)
+    return image_datasets.LabelledFraction(source, fraction) if train and fraction < 1.0 else source
+
+
+def text_tokenizer(config: ml_collections.ConfigDict) -> Any:
+    """The tokenizer a labelled-text run encodes with: data.tokenizer, else the one config.init carries
+    (a maskjax workdir's tokenizer/ folder, or a transformers directory's own files)."""
+    from maskjax.data import tokenizers
+
+    where = config.data.get("tokenizer")
+    if not where and config.get("init"):
+        init = Path(config.init)
+        where = init / "tokenizer" if (init / "tokenizer").is_dir() else init
+    if not where:
+        raise ConfigError(
+            "data.tokenizer is not set and there is no config.init to take one from: give the tokenizer "
+            "the encoder was pre-trained with (e.g. --config.data.tokenizer=PRETRAIN_WORKDIR/tokenizer)"
+        )
+    try:
+        return tokenizers.load(where)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
+
+
 def _text_dir(data: ml_collections.ConfigDict) -> Path:
     from maskjax.data import text_datasets
 
@@ -125,8 +159,25 @@ def prepare(config: ml_collections.ConfigDict) -> Path:
     elif data.kind == "text":
         where = _text_dir(data)
         check_tokenizer(config)
+    elif data.kind == "labelled_text":
+        from maskjax.data import labelled_text
+
+        _labelled_text_source(data, data.train_split, train=False)
+        stored = labelled_text.stored_name(data.dataset, data.root)
+        where = data_dir(data) / stored
+        classes = labelled_text.num_classes(stored, data_dir(data))
+        if config.model.num_labels != classes:
+            raise ConfigError(
+                f"model.num_labels={config.model.num_labels} but {data.dataset} has {classes} classes"
+            )
+        tok = text_tokenizer(config)
+        if tok.vocab_size > config.model.vocab_size or tok.pad_id != config.model.pad_id:
+            raise ConfigError(
+                f"the tokenizer ({tok.vocab_size} entries, pad id {tok.pad_id}) does not fit the model "
+                f"(model.vocab_size={config.model.vocab_size}, model.pad_id={config.model.pad_id})"
+            )
     else:
-        raise ValueError(f"data.kind must be one of image, text; got {data.kind!r}")
+        raise ValueError(f"data.kind must be one of image, text, labelled_text; got {data.kind!r}")
     return where
 
 
@@ -157,13 +208,18 @@ def source_and_transform(config: ml_collections.ConfigDict, split: str) -> tuple
                 channels=data.channels,
             )
         return source, transform
+    if data.kind == "labelled_text":
+        from maskjax.data import labelled_text
+
+        source = _labelled_text_source(data, split_name, train)
+        return source, labelled_text.encode(text_tokenizer(config), data.seq_length)
     if data.kind == "text":
         from maskjax.data import text_datasets
 
         return text_datasets.open_text_dataset(_text_dir(data), split_name, max_length=data.seq_length)[
             0
         ], None
-    raise ValueError(f"data.kind must be one of image, text; got {data.kind!r}")
+    raise ValueError(f"data.kind must be one of image, text, labelled_text; got {data.kind!r}")
 
 
 def make(

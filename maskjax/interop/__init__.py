@@ -17,6 +17,7 @@ no PyTorch; transformers is needed for its config classes (`maskjax[hf]`).
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -92,6 +93,16 @@ def _merge(base: dict, update: Mapping, path: str = "") -> list[str]:
     return missing
 
 
+def config_of(path: str | Path) -> tuple[str, Any]:
+    """(family, maskjax model config) of a transformers directory, from its config.json alone."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json (a transformers checkpoint directory)")
+    hf_config = _transformers().AutoConfig.from_pretrained(path)
+    module = _module_for((hf_config.architectures or [""])[0])
+    return module.HF_MODEL_TYPES[hf_config.model_type], module.config_from_hf(hf_config)
+
+
 def load_hf(source: str | Path | Any, *, seed: int = 0) -> Imported:
     """Convert a transformers checkpoint directory, or an in-memory PyTorch model.
 
@@ -102,9 +113,10 @@ def load_hf(source: str | Path | Any, *, seed: int = 0) -> Imported:
         hf_config, state = _read_dir(Path(source))
         architecture = (hf_config.architectures or [""])[0]
     else:
-        hf_config = source.config
-        state = {k: v.detach().float().cpu().numpy() for k, v in source.state_dict().items()}
         architecture = type(source).__name__
+        hf_config = copy.deepcopy(source.config)  # config_from_hf reads the architecture from it
+        hf_config.architectures = [architecture]
+        state = {k: v.detach().float().cpu().numpy() for k, v in source.state_dict().items()}
     module = _module_for(architecture)
     family = module.HF_MODEL_TYPES[hf_config.model_type]
     cfg = module.config_from_hf(hf_config)

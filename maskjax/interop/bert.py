@@ -12,6 +12,9 @@ Key layout (prefix `bert.` or `roberta.`, or none for a bare `BertModel` save):
   cls.seq_relationship                                       -> nsp                     (BERT)
   cls.predictions.transform.{dense,LayerNorm}, .bias         -> mlm.{dense,ln}, mlm.bias (BERT)
   lm_head.{dense,layer_norm}, lm_head.bias                   -> mlm.{dense,ln}, mlm.bias (RoBERTa)
+  classifier                                                 -> classifier  (BertForSequenceClassification)
+  classifier.dense / classifier.out_proj                     -> pooler / classifier  (RoBERTa's: the same
+                                                                head in evaluation, tanh between the two)
 
 torch Linear weights are (out, in); maskjax kernels are (in, out) with heads kept
 as an axis, e.g. query (D, N, H). The decoder weight is tied to the word
@@ -44,6 +47,8 @@ HF_ARCHITECTURES = (
     "BertModel",
     "RobertaForMaskedLM",
     "RobertaModel",
+    "BertForSequenceClassification",
+    "RobertaForSequenceClassification",
 )
 
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -71,6 +76,7 @@ def config_from_hf(hf_config) -> BertConfig:
     roberta = model_type == "roberta"
     pad_id = hf_config.pad_token_id if hf_config.pad_token_id is not None else (1 if roberta else 0)
     architectures = tuple(hf_config.architectures or ())
+    classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
     return BertConfig(
         hidden=hf_config.hidden_size,
         layers=hf_config.num_hidden_layers,
@@ -86,8 +92,10 @@ def config_from_hf(hf_config) -> BertConfig:
         type_vocab_size=hf_config.type_vocab_size,
         pad_id=pad_id,
         position_offset=pad_id + 1 if roberta else 0,
-        nsp=not roberta,
-        pooler=not roberta or "RobertaModel" in architectures,
+        nsp=not roberta and not classifier,
+        pooler=not roberta or "RobertaModel" in architectures or classifier,
+        mlm_head=not classifier,
+        num_labels=hf_config.num_labels if classifier else 0,
     )
 
 
@@ -111,11 +119,20 @@ def hf_config(cfg: BertConfig):
         pad_token_id=cfg.pad_id,
         tie_word_embeddings=True,
     )
+    if cfg.num_labels:
+        kw["num_labels"] = cfg.num_labels
     if _is_roberta(cfg):
         if cfg.nsp:
             raise ValueError("RoBERTa (position_offset > 0) has no NSP head in transformers; set nsp=False")
-        return transformers.RobertaConfig(architectures=["RobertaForMaskedLM"], **kw)
-    arch = "BertForPreTraining" if cfg.nsp else "BertForMaskedLM"
+        arch = "RobertaForSequenceClassification" if cfg.num_labels else "RobertaForMaskedLM"
+        return transformers.RobertaConfig(architectures=[arch], **kw)
+    arch = (
+        "BertForSequenceClassification"
+        if cfg.num_labels
+        else "BertForPreTraining"
+        if cfg.nsp
+        else "BertForMaskedLM"
+    )
     return transformers.BertConfig(architectures=[arch], **kw)
 
 
@@ -199,6 +216,11 @@ def params_from_hf(state_dict: Mapping[str, np.ndarray], cfg: BertConfig) -> dic
     }
     if cfg.pooler and "pooler.dense.weight" in sd:
         out["pooler"] = dense("pooler.dense", (d,), (d,))
+    if cfg.num_labels and "classifier.out_proj.weight" in sd:  # RobertaClassificationHead
+        out["pooler"] = dense("classifier.dense", (d,), (d,))
+        out["classifier"] = dense("classifier.out_proj", (d,), (cfg.num_labels,))
+    elif cfg.num_labels and "classifier.weight" in sd:
+        out["classifier"] = dense("classifier", (d,), (cfg.num_labels,))
     if cfg.nsp and "cls.seq_relationship.weight" in sd:
         out["nsp"] = dense("cls.seq_relationship", (d,), (2,))
     head = _head_prefixes(cfg)
@@ -256,7 +278,13 @@ def params_to_hf(params: dict, cfg: BertConfig) -> dict[str, np.ndarray]:
         dense(q + "intermediate.dense", b["mlp"]["wi"], 1)
         dense(q + "output.dense", b["mlp"]["wo"], 1)
         ln(q + "output.LayerNorm", b["ln2"])
-    if "pooler" in params:
+    if "classifier" in params and _is_roberta(cfg):
+        dense("classifier.dense", params["pooler"], 1)
+        dense("classifier.out_proj", params["classifier"], 1)
+    elif "classifier" in params:
+        dense(prefix + "pooler.dense", params["pooler"], 1)
+        dense("classifier", params["classifier"], 1)
+    elif "pooler" in params:
         dense(prefix + "pooler.dense", params["pooler"], 1)
     if "nsp" in params:
         dense("cls.seq_relationship", params["nsp"], 1)

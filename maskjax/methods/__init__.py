@@ -27,6 +27,9 @@ through these fields; nothing outside a method module switches on its name.
       a linear probe freezes its encoder; None: every parameter trains
   task                                         "pretrain", "finetune" or "probe": the command that runs it
   features(model, images) -> (B, D)            optional: frozen image features for `config.evals`
+  logits(model, batch) -> (B, C)               a classifier's: what the `top1` evaluator scores
+  init_fields                                  model fields `config.init`'s checkpoint sets (its
+      architecture), so one fine-tuning config serves every size; () : the config's own sizes
 
 `model` names the architecture in `maskjax.models.FAMILIES` that `loss` receives. A new method is
 its own module plus one `REGISTRY` line; `get(name)` checks the record the first time it is loaded.
@@ -54,12 +57,13 @@ REGISTRY: dict[str, str] = {
     "vqvae": "maskjax.methods.vqvae:VQVAE",
     "image_classification": "maskjax.methods.classify:FINETUNE",
     "linear_probe": "maskjax.methods.classify:PROBE",
+    "text_classification": "maskjax.methods.text_classify:TEXT_CLASSIFICATION",
 }
 
 TASKS = ("pretrain", "finetune", "probe")
 
 
-DATA_KINDS = ("text", "image")  # maskjax.data.loaders reads either
+DATA_KINDS = ("text", "image", "labelled_text")  # what maskjax.data.loaders reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +85,14 @@ class Method:
     roles: Callable[[Any, dict], Any] | None = None
     task: str = "pretrain"
     features: Callable[[Any, jax.Array], jax.Array] | None = None
+    logits: Callable[[Any, dict], jax.Array] | None = None
+    init_fields: tuple[str, ...] = ()
 
 
 # Positional parameters each callable must accept (the loss's `train` and `extras` are keywords).
 _ARITY = {
     "batch_spec": 2, "flops": 2, "describe_masking": 2, "validate": 2, "extras": 1, "extras_spec": 1,
-    "init_weights": 3, "roles": 2, "features": 2,
+    "init_weights": 3, "roles": 2, "features": 2, "logits": 2,
 }  # fmt: skip
 
 

@@ -210,6 +210,7 @@ FINETUNE = Method(
     init_weights=init_weights,
     task="finetune",
     features=lambda model, images: model.features(images),
+    logits=lambda model, batch: model(batch["image"]),
 )
 
 PROBE = Method(
@@ -226,4 +227,5 @@ PROBE = Method(
     roles=probe_roles,
     task="probe",
     features=lambda model, images: model.features(images),
+    logits=lambda model, batch: model(batch["image"]),
 )

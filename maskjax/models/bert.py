@@ -42,6 +42,8 @@ class BertConfig(layers.TransformerConfig):
     position_offset: int = 0
     nsp: bool = True  # next-sentence-prediction head (BERT); needs the pooler
     pooler: bool = True  # dense + tanh on [CLS]; RobertaForMaskedLM and fairseq have none
+    mlm_head: bool = True  # False: a task model (fine-tuning) keeps no vocabulary head
+    num_labels: int = 0  # > 0: a classifier on the pooled [CLS] (fine-tuning; needs the pooler)
 
     def __post_init__(self):
         problems = []
@@ -62,6 +64,8 @@ class BertConfig(layers.TransformerConfig):
             )
         if self.nsp and not self.pooler:
             problems.append("nsp=True needs pooler=True (NSP classifies the pooled [CLS] vector)")
+        if self.num_labels < 0 or (self.num_labels and not self.pooler):
+            problems.append(f"num_labels={self.num_labels} must be 0 (none) or > 0 with pooler=True")
         if self.pre_ln:
             problems.append("BERT/RoBERTa are post-LN: pre_ln must be False")
         if problems:
@@ -169,7 +173,12 @@ class Bert(nnx.Module):
             layers.Dense(cfg.hidden, cfg.hidden, ("embed", "embed"), **dense) if cfg.pooler else None
         )
         self.nsp = layers.Dense(cfg.hidden, 2, ("embed", None), **dense) if cfg.nsp else None
-        self.mlm = MlmHead(cfg, rngs=rngs)
+        self.mlm = MlmHead(cfg, rngs=rngs) if cfg.mlm_head else None
+        # BertForSequenceClassification: Dropout(pooled)·W + b. RobertaForSequenceClassification's head
+        # is the same in evaluation: its dense + tanh on <s> is this pooler, fresh in both.
+        self.classifier = (
+            layers.Dense(cfg.hidden, cfg.num_labels, ("embed", None), **dense) if cfg.num_labels else None
+        )
         self.cfg = cfg
 
     def __call__(
@@ -184,7 +193,8 @@ class Bert(nnx.Module):
         """input_ids (B, T) int; attention_mask (B, T) 1 = real token; masked_positions (B, P) int.
 
         Returns `hidden` (B, T, D), `pooled` (B, D) if cfg.pooler, `nsp_logits` (B, 2) if cfg.nsp,
-        `mlm_logits` (B, P, V) at `masked_positions`, or (B, T, V) when it is None.
+        `logits` (B, C) if cfg.num_labels, `mlm_logits` (B, P, V) at `masked_positions`, or (B, T, V)
+        when it is None (if cfg.mlm_head).
         Logits are float32. `dropout_key` None = deterministic (evaluation).
         """
         cfg = self.cfg
@@ -215,6 +225,12 @@ class Bert(nnx.Module):
             out["pooled"] = jnp.tanh(self.pooler(hidden[:, 0]))
             if self.nsp is not None:
                 out["nsp_logits"] = self.nsp(out["pooled"]).astype(jnp.float32)
+            if self.classifier is not None:
+                k_head = jax.random.fold_in(dropout_key, 2) if dropout_key is not None else None
+                pooled = layers.dropout(out["pooled"], cfg.dropout, k_head)
+                out["logits"] = self.classifier(pooled).astype(jnp.float32)
+        if self.mlm is None:
+            return out
 
         if masked_positions is not None:
             # (B, P, D): the vocabulary projection then costs P/T of the full one.
