@@ -119,6 +119,16 @@ def base(family: str) -> ml_collections.ConfigDict:
             seq_length=128,
             label_fraction=1.0,
         )
+    elif data_kind == "span_qa":  # data/span_qa.py; BERT's SQuAD settings (run_squad.py)
+        data.update(
+            dataset="",  # squad_json (your SQuAD-format files under data.root) or a prepared tfds "squad"
+            root=config_dict.placeholder(str),
+            tokenizer=config_dict.placeholder(str),  # None: the one config.init carries
+            seq_length=384,
+            doc_stride=128,
+            max_query_length=64,
+            max_answer_length=30,
+        )
     else:  # image families (data/loaders.py's defaults)
         data.update(
             scale=(0.2, 1.0),  # RandomResizedCrop area range

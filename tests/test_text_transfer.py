@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import transformers
 from tiny_configs import ROOT, tiny
 
 from maskjax import defaults, interop, models, train
-from maskjax.data import labelled_text, loaders, text_datasets
+from maskjax.data import labelled_text, loaders, span_qa, text_datasets
 from maskjax.data import tokenizers as tok_lib
 from maskjax.errors import ConfigError
 
@@ -256,3 +257,126 @@ def test_a_classifier_without_init_needs_a_tokenizer_and_the_right_class_count(w
         )
     config = loaders.text_tokenizer(_finetune(workdirs, init=str(workdirs["bert"])))
     assert config.vocab_size == 600
+
+
+# ------------------------------------------------------------------ extractive QA
+
+
+def _squad_file(path: Path, docs: Path, n: int, seed: int) -> list[dict]:
+    """SQuAD-format questions over real paragraphs of the Python docs; each answer is a run of 1-4 of
+    the paragraph's own words, so its characters are the context's."""
+    rng = np.random.default_rng(seed)
+    paragraphs = [
+        " ".join(p.split())
+        for f in sorted(docs.rglob("*.txt"))[:30]
+        for p in f.read_text().split("\n\n")
+        if len(p.split()) > 40
+    ]
+    qas = []
+    for i in range(n):
+        context = paragraphs[int(rng.integers(len(paragraphs)))]
+        words = [(m.start(), m.end()) for m in re.finditer(r"\S+", context)]
+        while True:  # an answer of words, not only punctuation or articles (SQuAD's F1 would be 0)
+            first = int(rng.integers(len(words) - 4))
+            last = first + int(rng.integers(4))
+            start, end = words[first][0], words[last][1]
+            if span_qa.normalize_answer(context[start:end]):
+                break
+        question = f"what follows {context[max(0, start - 20) : start]}?"
+        answer = {"text": context[start:end], "answer_start": start}
+        qas.append({"context": context, "id": f"q{i}", "question": question, "answers": [answer]})
+    data = {"data": [{"title": "docs", "paragraphs": [{"context": q["context"], "qas": [q]} for q in qas]}]}
+    path.write_text(json.dumps(data))
+    return qas
+
+
+def test_squad_windows_cover_the_context_and_give_the_answers_back(tmp_path):
+    """With oracle logits (the gold start/end of each window that holds the answer), every answer comes
+    back character for character from its max-context window: EM = F1 = 100. Windows of 64 tokens,
+    16 apart, so most contexts span several."""
+    docs = text_datasets.demo_corpus(tmp_path, "python-docs")
+    qas = _squad_file((tmp_path / "qa").mkdir() or tmp_path / "qa" / "dev.json", docs, 40, seed=1)
+    stored = span_qa.prepare("squad_json", tmp_path / "data", tmp_path / "qa")
+    source = span_qa.open_source(stored, "dev", tmp_path / "data")
+    data = span_qa.Windows(source, tok_lib.load_wordpiece(_bert_vocab()), 64, 16, 24)
+    assert len(data.examples) == 40 and len(data) > 2 * 40
+    for i, ex in enumerate(data.examples):
+        ws = data.by_example[i]
+        assert [w.start for w in ws] == [16 * k for k in range(len(ws))]
+        assert ws[-1].start + ws[-1].length == len(ex.context_ids)  # every token in some window
+    start = np.full((len(data), 64), -5.0)
+    end = np.full((len(data), 64), -5.0)
+    holding = 0
+    for k in range(len(data)):
+        r = data[k]
+        if r["start_positions"] > 0:
+            holding += 1
+            start[k, r["start_positions"]] = end[k, r["end_positions"]] = 5.0
+    assert holding >= 40
+    predictions = span_qa.best_spans(data, start, end)
+    by_id = {q["id"]: q["answers"][0]["text"] for q in qas}
+    assert all(predictions[i] == by_id[ex.id] for i, ex in enumerate(data.examples))
+    assert span_qa.scores(predictions, data.examples) == {"exact_match": 100.0, "f1": 100.0}
+
+
+def test_squad_scores_normalise_as_the_official_script():
+    assert span_qa.exact_match("The Cat!", "cat") == 1.0 and span_qa.exact_match("a dog", "cat") == 0.0
+    assert span_qa.f1("the cat sat", "a cat sat down") == pytest.approx(2 * 1.0 * (2 / 3) / (1 + 2 / 3))
+    assert span_qa.f1("", "cat") == 0.0
+
+
+def test_the_span_head_is_transformers_question_answering(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    hf = transformers.BertForQuestionAnswering(config).eval()
+    rng = np.random.default_rng(0)
+    batch = {
+        "input_ids": rng.integers(5, 120, size=(3, 20)),
+        "token_type_ids": (np.arange(20) >= 8).astype(int)[None].repeat(3, 0),
+        "attention_mask": np.ones((3, 20), int),
+    }
+    with torch.no_grad():
+        want = hf(**{k: torch.tensor(v) for k, v in batch.items()})
+    imported = interop.load_hf(hf)
+    assert imported.missing == [] and imported.config.span_head and not imported.config.pooler
+    from flax import nnx
+
+    from maskjax.methods import span_qa as span_method
+
+    model = models.build("bert", imported.config)
+    nnx.replace_by_pure_dict(state := nnx.state(model, nnx.Param), imported.params)
+    nnx.update(model, state)
+    s, e = span_method.span_logits(model, batch)
+    assert np.abs(np.asarray(s) - want.start_logits.numpy()).max() < 1e-5
+    assert np.abs(np.asarray(e) - want.end_logits.numpy()).max() < 1e-5
+    interop.save_hf("bert", imported.config, imported.params, tmp_path / "out")
+    back = transformers.AutoModelForQuestionAnswering.from_pretrained(tmp_path / "out")
+    assert type(back) is transformers.BertForQuestionAnswering
+
+
+def test_squad_finetuning_runs_from_a_bert_workdir_and_scores_every_question(workdirs, tmp_path, capsys):
+    docs = workdirs["data"] / "python-docs"
+    (tmp_path / "qa").mkdir()
+    _squad_file(tmp_path / "qa" / "train.json", docs, 64, seed=2)
+    _squad_file(tmp_path / "qa" / "dev.json", docs, 24, seed=3)
+    c = defaults.from_file(ROOT / "configs" / "finetune" / "squad.py", "squad_json")
+    c.data.update(
+        data_dir=str(workdirs["data"]),
+        root=str(tmp_path / "qa"),
+        seq_length=32,
+        max_query_length=8,
+        doc_stride=8,
+    )
+    c.data.train_examples = 64
+    c.update(global_batch_size=16, log_every=2, eval_batches=1, init=str(workdirs["bert"]))
+    c.schedule.epochs = 1
+    train.train(c, tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "freshly initialised: /qa" in out and "not in this model: /pooler" in out
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["eval_questions"] == 24 and 0.0 <= report["exact_match"] <= report["f1"] <= 100.0
+    predictions = json.loads((tmp_path / "run" / "predictions.json").read_text())
+    assert sorted(predictions) == sorted(f"q{i}" for i in range(24))

@@ -259,14 +259,17 @@ BUILDERS: dict[str, type[tfds.core.DatasetBuilder]] = {
 }
 
 
-def stored_name(name: str, root: str | os.PathLike | None = None) -> str:
-    """The tfds name set `name` is prepared under: jsonl's carries a digest of its files (absolute
-    paths, sizes, modification times), so another folder, or an edited file, is prepared anew."""
-    if name != "jsonl" or root is None:
-        return name
-    files = sorted(Path(root).resolve().glob("*.jsonl"))
+def digest_name(prefix: str, root: str | os.PathLike, pattern: str) -> str:
+    """prefix_<digest of the files `pattern` matches in root (absolute paths, sizes, modification
+    times)>: the tfds name of a user's folder, so another folder, or an edited file, is prepared anew."""
+    files = sorted(Path(root).resolve().glob(pattern))
     stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return f"jsonl_{hashlib.sha1(repr(stamp).encode()).hexdigest()[:12]}"
+    return f"{prefix}_{hashlib.sha1(repr(stamp).encode()).hexdigest()[:12]}"
+
+
+def stored_name(name: str, root: str | os.PathLike | None = None) -> str:
+    """The tfds name set `name` is prepared under (jsonl's: `digest_name`)."""
+    return digest_name("jsonl", root, "*.jsonl") if name == "jsonl" and root is not None else name
 
 
 def prepare(name: str, data_dir: str | os.PathLike, root: str | os.PathLike | None = None) -> str:

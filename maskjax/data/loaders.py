@@ -29,6 +29,7 @@ from maskjax.data import image_datasets, images, pipeline
 from maskjax.errors import ConfigError
 
 to_global = pipeline.to_global
+KINDS = ("image", "text", "labelled_text", "span_qa")
 
 
 def data_dir(data: ml_collections.ConfigDict) -> Path:
@@ -123,6 +124,33 @@ def text_tokenizer(config: ml_collections.ConfigDict) -> Any:
         raise ConfigError(f"data.tokenizer: {e}") from None
 
 
+def _qa_source(data: ml_collections.ConfigDict, split: str) -> Any:
+    from maskjax.data import span_qa
+
+    name, root = data.dataset, data_dir(data)
+    stored = span_qa.stored_name(name, data.root)
+    if name == "squad_json":
+        _once(f"{root}/{stored}", lambda: span_qa.prepare(name, root, data.root))
+    return span_qa.open_source(stored, split, root)
+
+
+def qa_windows(config: ml_collections.ConfigDict, split: str) -> Any:
+    """`split` ("train" or "eval") of a span-QA config as `span_qa.Windows`: every doc-stride window."""
+    from maskjax.data import span_qa
+
+    d = config.data
+    source = _qa_source(d, d.train_split if split == "train" else d.eval_split)
+    return span_qa.Windows(source, text_tokenizer(config), d.seq_length, d.doc_stride, d.max_query_length)
+
+
+def _check_fits(tok: Any, model: ml_collections.ConfigDict) -> None:
+    if tok.vocab_size > model.vocab_size or tok.pad_id != model.pad_id:
+        raise ConfigError(
+            f"the tokenizer ({tok.vocab_size} entries, pad id {tok.pad_id}) does not fit the model "
+            f"(model.vocab_size={model.vocab_size}, model.pad_id={model.pad_id})"
+        )
+
+
 def _text_dir(data: ml_collections.ConfigDict) -> Path:
     from maskjax.data import text_datasets
 
@@ -170,14 +198,15 @@ def prepare(config: ml_collections.ConfigDict) -> Path:
             raise ConfigError(
                 f"model.num_labels={config.model.num_labels} but {data.dataset} has {classes} classes"
             )
-        tok = text_tokenizer(config)
-        if tok.vocab_size > config.model.vocab_size or tok.pad_id != config.model.pad_id:
-            raise ConfigError(
-                f"the tokenizer ({tok.vocab_size} entries, pad id {tok.pad_id}) does not fit the model "
-                f"(model.vocab_size={config.model.vocab_size}, model.pad_id={config.model.pad_id})"
-            )
+        _check_fits(text_tokenizer(config), config.model)
+    elif data.kind == "span_qa":
+        from maskjax.data import span_qa
+
+        _qa_source(data, data.train_split)
+        where = data_dir(data) / span_qa.stored_name(data.dataset, data.root)
+        _check_fits(text_tokenizer(config), config.model)
     else:
-        raise ValueError(f"data.kind must be one of image, text, labelled_text; got {data.kind!r}")
+        raise ValueError(f"data.kind must be one of {', '.join(KINDS)}; got {data.kind!r}")
     return where
 
 
@@ -208,6 +237,8 @@ def source_and_transform(config: ml_collections.ConfigDict, split: str) -> tuple
                 channels=data.channels,
             )
         return source, transform
+    if data.kind == "span_qa":
+        return qa_windows(config, split), None
     if data.kind == "labelled_text":
         from maskjax.data import labelled_text
 
@@ -219,7 +250,7 @@ def source_and_transform(config: ml_collections.ConfigDict, split: str) -> tuple
         return text_datasets.open_text_dataset(_text_dir(data), split_name, max_length=data.seq_length)[
             0
         ], None
-    raise ValueError(f"data.kind must be one of image, text, labelled_text; got {data.kind!r}")
+    raise ValueError(f"data.kind must be one of {', '.join(KINDS)}; got {data.kind!r}")
 
 
 def make(

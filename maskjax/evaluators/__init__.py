@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "fill_mask_samples": "maskjax.evaluators.samples:fill_mask_samples",
     "greedy_sample_and_perplexity": "maskjax.evaluators.samples:greedy_sample_and_perplexity",
     "top1": "maskjax.evaluators.classification:top1",
+    "squad": "maskjax.evaluators.span_qa:squad",
 }
 
 

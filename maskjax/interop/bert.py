@@ -49,6 +49,8 @@ HF_ARCHITECTURES = (
     "RobertaModel",
     "BertForSequenceClassification",
     "RobertaForSequenceClassification",
+    "BertForQuestionAnswering",
+    "RobertaForQuestionAnswering",
 )
 
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -77,6 +79,7 @@ def config_from_hf(hf_config) -> BertConfig:
     pad_id = hf_config.pad_token_id if hf_config.pad_token_id is not None else (1 if roberta else 0)
     architectures = tuple(hf_config.architectures or ())
     classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
+    spans = any(a.endswith("ForQuestionAnswering") for a in architectures)
     return BertConfig(
         hidden=hf_config.hidden_size,
         layers=hf_config.num_hidden_layers,
@@ -92,9 +95,10 @@ def config_from_hf(hf_config) -> BertConfig:
         type_vocab_size=hf_config.type_vocab_size,
         pad_id=pad_id,
         position_offset=pad_id + 1 if roberta else 0,
-        nsp=not roberta and not classifier,
-        pooler=not roberta or "RobertaModel" in architectures or classifier,
-        mlm_head=not classifier,
+        nsp=not roberta and not classifier and not spans,
+        pooler=(not roberta and not spans) or "RobertaModel" in architectures or classifier,
+        mlm_head=not classifier and not spans,
+        span_head=spans,
         num_labels=hf_config.num_labels if classifier else 0,
     )
 
@@ -121,18 +125,13 @@ def hf_config(cfg: BertConfig):
     )
     if cfg.num_labels:
         kw["num_labels"] = cfg.num_labels
+    task = "ForSequenceClassification" if cfg.num_labels else "ForQuestionAnswering" if cfg.span_head else ""
     if _is_roberta(cfg):
         if cfg.nsp:
             raise ValueError("RoBERTa (position_offset > 0) has no NSP head in transformers; set nsp=False")
-        arch = "RobertaForSequenceClassification" if cfg.num_labels else "RobertaForMaskedLM"
+        arch = f"Roberta{task}" if task else "RobertaForMaskedLM"
         return transformers.RobertaConfig(architectures=[arch], **kw)
-    arch = (
-        "BertForSequenceClassification"
-        if cfg.num_labels
-        else "BertForPreTraining"
-        if cfg.nsp
-        else "BertForMaskedLM"
-    )
+    arch = f"Bert{task}" if task else "BertForPreTraining" if cfg.nsp else "BertForMaskedLM"
     return transformers.BertConfig(architectures=[arch], **kw)
 
 
@@ -221,6 +220,8 @@ def params_from_hf(state_dict: Mapping[str, np.ndarray], cfg: BertConfig) -> dic
         out["classifier"] = dense("classifier.out_proj", (d,), (cfg.num_labels,))
     elif cfg.num_labels and "classifier.weight" in sd:
         out["classifier"] = dense("classifier", (d,), (cfg.num_labels,))
+    if cfg.span_head and "qa_outputs.weight" in sd:
+        out["qa"] = dense("qa_outputs", (d,), (2,))
     if cfg.nsp and "cls.seq_relationship.weight" in sd:
         out["nsp"] = dense("cls.seq_relationship", (d,), (2,))
     head = _head_prefixes(cfg)
@@ -286,6 +287,8 @@ def params_to_hf(params: dict, cfg: BertConfig) -> dict[str, np.ndarray]:
         dense("classifier", params["classifier"], 1)
     elif "pooler" in params:
         dense(prefix + "pooler.dense", params["pooler"], 1)
+    if "qa" in params:
+        dense("qa_outputs", params["qa"], 1)
     if "nsp" in params:
         dense("cls.seq_relationship", params["nsp"], 1)
     if "mlm" in params:

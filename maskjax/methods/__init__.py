@@ -58,12 +58,13 @@ REGISTRY: dict[str, str] = {
     "image_classification": "maskjax.methods.classify:FINETUNE",
     "linear_probe": "maskjax.methods.classify:PROBE",
     "text_classification": "maskjax.methods.text_classify:TEXT_CLASSIFICATION",
+    "span_qa": "maskjax.methods.span_qa:SPAN_QA",
 }
 
 TASKS = ("pretrain", "finetune", "probe")
 
 
-DATA_KINDS = ("text", "image", "labelled_text")  # what maskjax.data.loaders reads
+DATA_KINDS = ("text", "image", "labelled_text", "span_qa")  # what maskjax.data.loaders reads
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,6 +44,7 @@ class BertConfig(layers.TransformerConfig):
     pooler: bool = True  # dense + tanh on [CLS]; RobertaForMaskedLM and fairseq have none
     mlm_head: bool = True  # False: a task model (fine-tuning) keeps no vocabulary head
     num_labels: int = 0  # > 0: a classifier on the pooled [CLS] (fine-tuning; needs the pooler)
+    span_head: bool = False  # start/end logits at every token (extractive QA, BertForQuestionAnswering)
 
     def __post_init__(self):
         problems = []
@@ -179,6 +180,7 @@ class Bert(nnx.Module):
         self.classifier = (
             layers.Dense(cfg.hidden, cfg.num_labels, ("embed", None), **dense) if cfg.num_labels else None
         )
+        self.qa = layers.Dense(cfg.hidden, 2, ("embed", None), **dense) if cfg.span_head else None
         self.cfg = cfg
 
     def __call__(
@@ -193,7 +195,8 @@ class Bert(nnx.Module):
         """input_ids (B, T) int; attention_mask (B, T) 1 = real token; masked_positions (B, P) int.
 
         Returns `hidden` (B, T, D), `pooled` (B, D) if cfg.pooler, `nsp_logits` (B, 2) if cfg.nsp,
-        `logits` (B, C) if cfg.num_labels, `mlm_logits` (B, P, V) at `masked_positions`, or (B, T, V)
+        `logits` (B, C) if cfg.num_labels, `start_logits` and `end_logits` (B, T) if cfg.span_head,
+        `mlm_logits` (B, P, V) at `masked_positions`, or (B, T, V)
         when it is None (if cfg.mlm_head).
         Logits are float32. `dropout_key` None = deterministic (evaluation).
         """
@@ -229,6 +232,9 @@ class Bert(nnx.Module):
                 k_head = jax.random.fold_in(dropout_key, 2) if dropout_key is not None else None
                 pooled = layers.dropout(out["pooled"], cfg.dropout, k_head)
                 out["logits"] = self.classifier(pooled).astype(jnp.float32)
+        if self.qa is not None:
+            spans = self.qa(hidden).astype(jnp.float32)  # (B, T, 2)
+            out["start_logits"], out["end_logits"] = spans[..., 0], spans[..., 1]
         if self.mlm is None:
             return out
 
