@@ -435,13 +435,16 @@ COMMANDS: dict[str, Command] = {
     "finetune": Command(
         _transfer_flags,
         _transfer("finetune"),
-        "Fine-tune a pre-trained encoder on labelled data (MAE Table 9 recipes in configs/finetune/).",
+        "Fine-tune a pre-trained encoder on labelled data (the papers' recipes in configs/finetune/).",
         "--config=FILE --workdir=DIR [--init=DIR] [--config.KEY=VALUE ...]",
         "A train run of a fine-tuning config: the encoder starts from --init (a maskjax workdir such as "
-        "an MAE pre-training run, or a transformers directory), the task head fresh, every weight trains; "
-        "same mesh, checkpoints, resume and metrics as pre-training. Without --init it trains from "
-        "scratch, the baseline. Ends with top-1 on the whole held-out split (report.json).",
-        "maskjax finetune --config=configs/finetune/demo.py --init=/tmp/maskjax-mae --workdir=/tmp/ft",
+        "an MAE or BERT pre-training run, or a transformers directory), the task head fresh, every weight "
+        "trains; same mesh, checkpoints, resume and metrics as pre-training. Without --init it trains "
+        "from scratch, the baseline. Images (MAE Table 9), text classification and sentence pairs "
+        "(BERT's and RoBERTa's GLUE recipes: a text encoder's sizes and tokenizer come from --init) and "
+        "SQuAD-style QA. Ends with top-1 and F1, or exact match and F1, on the whole held-out split "
+        "(report.json).",
+        "maskjax finetune --config=configs/finetune/bert.py:reuters_grain --init=/tmp/bert --workdir=/tmp/ft",
     ),
     "probe": Command(
         _transfer_flags,

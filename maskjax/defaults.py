@@ -140,6 +140,15 @@ def base(family: str) -> ml_collections.ConfigDict:
             label_fraction=1.0,  # train on this share of every class's labelled images (label efficiency)
         )
     c.data = data
+    if data_kind == "text" and method.features is not None:  # a ridge probe on a labelled text set
+        c.evals = dict(
+            train_examples=0,
+            test_examples=0,
+            text=dict(
+                dataset="polarity", root=config_dict.placeholder(str), train_split="train", eval_split="test"
+            ),
+            ridge=dict(every=0, l2=1e-2),
+        )
     if data_kind == "image":  # frozen-feature evaluators during the run (evaluators/features.py); 0: off
         c.evals = dict(
             train_examples=0,  # labelled images the probes fit on (data.train_split); 0: all of them

@@ -196,7 +196,7 @@ def workdirs(tmp_path_factory) -> dict[str, Path]:
     """A tiny BERT pre-trained a few steps on real text, and a jsonl set of two word topics."""
     d = tmp_path_factory.mktemp("text-transfer")
     text_datasets.demo_corpus(d, "python-docs")
-    train.train(tiny("bert", d, total_steps=4, checkpoint_every=4), d / "bert")
+    train.train(tiny("bert", d, total_steps=4, checkpoint_every=4, **{"evals.ridge.every": 2}), d / "bert")
     rng = np.random.default_rng(0)
 
     def rows(n: int) -> list[dict]:
@@ -210,6 +210,16 @@ def workdirs(tmp_path_factory) -> dict[str, Path]:
 
     _write_jsonl(d / "topics", {"train": rows(256), "test": rows(64)})
     return {"data": d, "bert": d / "bert", "topics": d / "topics"}
+
+
+def test_text_pretraining_logs_a_ridge_probe_on_labelled_sentences(workdirs):
+    """The fixture's BERT run probes mean-pooled features of gensim's polarity sentences at steps 0, 2, 4:
+    fit on the 160 training sentences, scored on the 40 held out."""
+    rows = [json.loads(x) for x in (workdirs["bert"] / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r.get("split") == "evals"]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert all(r["ridge_top1"] in {k / 40 for k in range(41)} for r in evals)
+    assert all(0 < r["evals_cost_fraction"] for r in evals[1:])
 
 
 def _finetune(workdirs: dict[str, Path], **overrides):

@@ -52,4 +52,6 @@ def get_config() -> ml_collections.ConfigDict:
         no_decay=("bias", "scale"),  # BERT's optimizer skips LayerNorm and biases only
     )
     c.schedule.update(warmup_steps=100, decay="linear", end_lr=0.0)
+    # A ridge probe on mean-pooled features of labelled movie-review sentences (gensim's polarity set).
+    c.evals.ridge.every = 250
     return c

@@ -11,8 +11,11 @@
 
 Both fit on the first `evals.train_examples` images of the run's own `data.train_split` and score
 the first `evals.test_examples` of `data.eval_split` (0: all; the eval transform, labels as stored).
-The features are the method's `features(model, images)` (MAE: the encoder on every patch, [CLS]
-after the final norm).
+The features are the method's `features(model, inputs)` (MAE: the encoder on every patch, [CLS]
+after the final norm; BERT and RoBERTa: the mean of the last hidden states over the real tokens).
+A text encoder pre-trains on unlabelled text, so its probes read a labelled set named in
+`evals.text` (`maskjax.data.labelled_text`: dataset, root, train_split, eval_split), encoded with the
+run's own tokenizer at the run's sequence length.
 They are computed by one jitted program on the run's mesh (every process takes part, the result is
 replicated), so the evaluators run inside the loop of any multi-process job; the fits are numpy.
 """
@@ -28,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 NAMES = ("knn", "ridge")
-_SIZES = ("train_examples", "test_examples")  # config.evals' shared settings beside the evaluators
+_SIZES = ("train_examples", "test_examples", "text")  # config.evals' shared settings, not evaluators
 
 
 def knn_top1(
@@ -96,9 +99,12 @@ class FeatureEvals:
         return [name for name, every in self.every.items() if step % every == 0]
 
     def _labelled(self) -> dict:
-        """{"train": (images, labels), "test": (...)}, eval-transformed, read on first use."""
+        """{"train": (images, labels), "test": (...)}, eval-transformed, read on first use (text: a
+        dict of (n, T) token arrays in place of the images)."""
         from maskjax.data import loaders
 
+        if self.data is None and self.config.data.kind == "text":
+            self.data = self._labelled_text()
         if self.data is None:
             self.data, evals, data = {}, self.config.evals, self.config.data
             parts = (
@@ -114,16 +120,47 @@ class FeatureEvals:
                 self.data[part] = (np.stack([r["image"] for r in rows]), np.array([r["label"] for r in rows]))
         return self.data
 
-    def _features(self, params: dict, images: np.ndarray) -> np.ndarray:
-        size = self.config.global_batch_size
-        out = []
-        for start in range(0, len(images), size):
-            chunk = images[start : start + size]
-            chunk = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-            x = jax.make_array_from_callback(
-                chunk.shape, self.trainer.batch_sharding, lambda i, c=chunk: c[i]
+    def _labelled_text(self) -> dict:
+        from maskjax.data import labelled_text, loaders, text_datasets
+
+        spec, data = self.config.evals.text, self.config.data
+        root = loaders.data_dir(data)
+        stored = labelled_text.stored_name(spec.dataset, spec.get("root"))
+        if spec.dataset in labelled_text.BUILDERS:
+            loaders._once(
+                f"{root}/{stored}", lambda: labelled_text.prepare(spec.dataset, root, spec.get("root"))
             )
-            out.append(np.asarray(self.run(params, x).addressable_data(0))[: len(images) - start])
+        tokenizer = text_datasets.open_text_dataset(
+            loaders._text_dir(data), "train", max_length=data.seq_length
+        )[1]
+        encode = labelled_text.encode(tokenizer, data.seq_length)
+        out = {}
+        for part, split, cap in (
+            ("train", spec.train_split, "train_examples"),
+            ("test", spec.eval_split, "test_examples"),
+        ):
+            source = labelled_text.open_source(stored, split, root)
+            n = min(len(source), int(self.config.evals.get(cap, 0)) or len(source))
+            rows = [encode(source[i]) for i in range(n)]
+            inputs = {
+                k: np.stack([r[k] for r in rows]) for k in ("input_ids", "token_type_ids", "attention_mask")
+            }
+            out[part] = (inputs, np.array([r["label"] for r in rows]))
+        return out
+
+    def _features(self, params: dict, inputs: np.ndarray | dict) -> np.ndarray:
+        size = self.config.global_batch_size
+        total = len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
+
+        def put(x: np.ndarray, start: int) -> jax.Array:
+            chunk = x[start : start + size]
+            chunk = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            return jax.make_array_from_callback(chunk.shape, self.trainer.batch_sharding, lambda i: chunk[i])
+
+        out = []
+        for start in range(0, total, size):
+            x = jax.tree.map(lambda a, s=start: put(a, s), inputs)
+            out.append(np.asarray(self.run(params, x).addressable_data(0))[: total - start])
         return np.concatenate(out).astype(np.float32)
 
     def __call__(self, params: dict, names: list[str]) -> dict[str, float]:

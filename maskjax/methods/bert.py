@@ -148,6 +148,15 @@ def validate(config: Any, model_cfg: bert.BertConfig) -> None:
         raise ConfigError(f"masking.max_predictions must be in [1, data.seq_length={seq}]; got {p!r}")
 
 
+def features(model: bert.Bert, batch: dict) -> jax.Array:
+    """(B, D): the last hidden states averaged over the real tokens (the frozen-feature probes)."""
+    out = model(
+        batch["input_ids"], token_type_ids=batch.get("token_type_ids"), attention_mask=batch["attention_mask"]
+    )
+    real = batch["attention_mask"].astype(jnp.float32)[..., None]
+    return (out["hidden"].astype(jnp.float32) * real).sum(1) / jnp.maximum(real.sum(1), 1.0)
+
+
 BERT = Method(
     name="bert",
     model="bert",
@@ -158,6 +167,7 @@ BERT = Method(
     describe_masking=describe_masking,
     validate=validate,
     evaluators=("mlm_unigram_baseline", "fill_mask_samples"),
+    features=features,
 )
 # RoBERTa: the same objective without NSP (its model config says so); the data layout differs.
 ROBERTA = dataclasses.replace(BERT, name="roberta", model="roberta")
