@@ -108,6 +108,7 @@ def base(family: str) -> ml_collections.ConfigDict:
     if data_kind == "text":
         data.update(
             corpus=config_dict.placeholder(str),  # None: the bundled demo corpus
+            tokenizer=config_dict.placeholder(str),  # an existing tokenizer (folder or file); None: train one
             prepare_seed=0,  # the train/validation split and NSP pairing when prepared on first use
         )
     elif data_kind == "labelled_text":  # data/labelled_text.py

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from tiny_configs import config_file, tiny
 
-from maskjax import checkpoint, optim, sharding, train
+from maskjax import checkpoint, models, optim, sharding, train
 from maskjax.data import image_datasets, loaders
 from maskjax.errors import ConfigError
 from maskjax.evaluators import features
@@ -163,6 +163,28 @@ def test_a_classifier_takes_the_mae_encoder_as_mae_fine_tuning_does(data_dir, ma
         if trainer.model_cfg.pos_embed == "learned":
             table = vit.sincos_pos_embed_2d(trainer.model_cfg.hidden, trainer.model_cfg.grid_size)
             np.testing.assert_allclose(params["pos_embed"], table, atol=1e-7)
+
+
+def test_beit_fine_tuning_takes_the_encoder_and_pools_the_patches_into_a_fresh_classifier(data_dir, tmp_path):
+    """From a BEiT checkpoint: the encoder loads, its final LayerNorm and visual-token head stay behind,
+    fc_norm and the classifier start fresh (the classifier at BEiT's scale 0.001); a run trains and
+    reports top-1 on every held-out image."""
+    config = tiny("beit_classification", data_dir, total_steps=4, checkpoint_every=4)
+    beit_cfg = models.make_config("beit", {**config.model.to_dict(), "num_classes": 0})
+    pretrained = nnx.to_pure_dict(nnx.state(models.build("beit", beit_cfg, seed=7), nnx.Param))
+    checkpoint.save_params(tmp_path / "beit", "beit", beit_cfg, pretrained)
+    config.init = str(tmp_path / "beit")
+    trainer = train.Trainer(config)
+    with sharding.use_rules(trainer.mesh, trainer.rules):
+        params = jax.device_get(trainer.init_from(config.init)["params"])
+    assert "head" not in params and "norm" not in params
+    for name in ("patch_embed", "cls_token", "rel_pos_table", "stack"):
+        for x, y in zip(jax.tree.leaves(params[name]), jax.tree.leaves(pretrained[name]), strict=True):
+            assert np.array_equal(x, np.asarray(y)), name
+    assert 0 < np.abs(params["classifier"]["kernel"]).max() < 1e-4  # 0.02 × 0.001, truncated
+    report = train.train(config, tmp_path / "ft")
+    assert json.loads((tmp_path / "ft" / "report.json").read_text())["eval_examples"] == 297
+    assert np.isfinite(report["loss"])
 
 
 def test_finetune_command_reports_top1_over_every_held_out_image(data_dir, mae_workdir, tmp_path):

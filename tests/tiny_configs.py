@@ -19,6 +19,7 @@ CONFIGS = {
     **{family: f"demo/{family}.py" for family in FAMILIES},
     "image_classification": "finetune/demo.py",
     "linear_probe": "probe/demo.py",
+    "beit_classification": "finetune/beit_demo.py",
 }
 
 

@@ -166,6 +166,7 @@ def _text_dir(data: ml_collections.ConfigDict) -> Path:
             out,
             layout=data.layout,
             max_length=lengths if len(lengths) > 1 else lengths[0],
+            tokenizer=data.get("tokenizer"),
             vocab_size=data.get("vocab_size"),
             seed=data.prepare_seed,
         )

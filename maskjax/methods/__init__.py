@@ -57,6 +57,7 @@ REGISTRY: dict[str, str] = {
     "vqvae": "maskjax.methods.vqvae:VQVAE",
     "image_classification": "maskjax.methods.classify:FINETUNE",
     "linear_probe": "maskjax.methods.classify:PROBE",
+    "beit_classification": "maskjax.methods.classify:BEIT_FINETUNE",
     "text_classification": "maskjax.methods.text_classify:TEXT_CLASSIFICATION",
     "span_qa": "maskjax.methods.span_qa:SPAN_QA",
 }

@@ -22,6 +22,7 @@ the encoder forward only: B · (2·N·P·D + stack_flops(D, F, L, 1+N) + 3·2·D
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -76,7 +77,7 @@ def smoothed_targets(labels: jax.Array, num_classes: int, smoothing: float) -> j
 
 
 def finetune_loss(
-    model: vit.Vit, batch: dict, key: jax.Array, config: Any, *, train: bool, extras: Any = None
+    model: Any, batch: dict, key: jax.Array, config: Any, *, train: bool, extras: Any = None
 ) -> tuple[jax.Array, dict]:
     images, labels = batch["image"], batch["label"].astype(jnp.int32)
     if not train:
@@ -84,7 +85,7 @@ def finetune_loss(
     k_mix, k_drop = jax.random.split(key)
     targets = smoothed_targets(labels, model.cfg.num_classes, config.task.label_smoothing)
     images, targets = mix(k_mix, images, targets, config.task)
-    logits = model(images, dropout_key=k_drop)
+    logits = model.classify(images, dropout_key=k_drop)
     loss = losses.soft_cross_entropy(logits, targets)
     return loss, {"loss": loss, "accuracy": _accuracy(logits, labels)}
 
@@ -117,7 +118,7 @@ def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def _held_out(model: vit.Vit, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
-    logits = model(images)  # no mixing, no dropout; a probe's BatchNorm uses its running statistics
+    logits = model.classify(images)  # no mixing, no dropout; a probe's BatchNorm: its running statistics
     loss = losses.masked_cross_entropy(logits, labels, jnp.ones(labels.shape, jnp.float32))
     return loss, {"loss": loss, "accuracy": _accuracy(logits, labels)}
 
@@ -210,7 +211,7 @@ FINETUNE = Method(
     init_weights=init_weights,
     task="finetune",
     features=lambda model, images: model.features(images),
-    logits=lambda model, batch: model(batch["image"]),
+    logits=lambda model, batch: model.classify(batch["image"]),
 )
 
 PROBE = Method(
@@ -227,5 +228,36 @@ PROBE = Method(
     roles=probe_roles,
     task="probe",
     features=lambda model, images: model.features(images),
-    logits=lambda model, batch: model(batch["image"]),
+    logits=lambda model, batch: model.classify(batch["image"]),
+)
+
+
+# ------------------------------------------------------------------ BEiT (Bao et al. 2022, Sec. 3.1)
+
+
+def beit_flops(config: Any, model_cfg: Any) -> int:
+    """As `finetune_flops`, for BEiT's encoder (relative position bias and layer scale cost no matmul)."""
+    c, n = model_cfg, model_cfg.num_patches
+    patch_dim = c.patch_size * c.patch_size * c.channels
+    forward = 2 * n * patch_dim * c.hidden + stack_flops(c.hidden, c.mlp_dim, c.layers, 1 + n)
+    return config.global_batch_size * 3 * (forward + 2 * c.hidden * c.num_classes)
+
+
+def beit_init_weights(family: str, params: dict, model_cfg: Any) -> dict:
+    """A BEiT checkpoint's encoder; its final LayerNorm and visual-token head are reported unused."""
+    if family != "beit":
+        raise ConfigError(f"init: a {family!r} checkpoint has no BEiT encoder; give a BEiT one")
+    return params
+
+
+# BEiT fine-tuning: the same recipe and loss on the BEiT encoder, mean-pooled patch tokens + LayerNorm.
+# Simplification: the pre-training's one shared relative position bias stays shared (BEiT's fine-tuning
+# copies it into every layer first).
+BEIT_FINETUNE = dataclasses.replace(
+    FINETUNE,
+    name="beit_classification",
+    model="beit",
+    flops=beit_flops,
+    init_weights=beit_init_weights,
+    features=None,
 )

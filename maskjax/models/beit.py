@@ -60,6 +60,9 @@ class BeitConfig(layers.TransformerConfig):
     # unilm beit/modeling_pretrain.py: trunc_normal_(std=0.02) with a=-std, b=std for every Linear, the
     # patch embedding, lm_head and the cls/mask tokens (an effective std of 0.0108, not 0.02).
     init: layers.Init = "truncated"
+    # > 0: the fine-tuning model (BEiT Sec. 3.1): the patch tokens averaged, a LayerNorm, a linear
+    # classifier; the pre-training's final LayerNorm and visual-token head are gone.
+    num_classes: int = 0
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -83,6 +86,7 @@ class BeitConfig(layers.TransformerConfig):
             ),
             "channels": (self.channels > 0, "> 0"),
             "codebook_size": (self.codebook_size > 1, "> 1"),
+            "num_classes": (self.num_classes >= 0, ">= 0 (0: the pre-training model)"),
             "pre_ln": (self.pre_ln, "True (BEiT is pre-LN)"),
             "layer_scale": (self.layer_scale is None or self.layer_scale > 0, "None or > 0"),
             "drop_path": (0.0 <= self.drop_path < 1.0, "in [0, 1)"),
@@ -150,10 +154,16 @@ class Beit(nnx.Module):
             rngs, jax.nn.initializers.zeros, (num_relative, cfg.heads), ("relpos", "heads"), cfg.param_dtype
         )
         self.stack = layers.Stack(cfg, rngs=rngs)
-        self.norm = layers.LayerNorm(
-            d, rngs=rngs, eps=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype
-        )
-        self.head = layers.Dense(d, cfg.codebook_size, ("embed", "vocab"), **kw)
+        norm = dict(rngs=rngs, eps=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        if cfg.num_classes:
+            self.norm = self.head = None
+            self.fc_norm = layers.LayerNorm(d, **norm)
+            # unilm beit/modeling_finetune.py: the classifier starts at trunc_normal(0.02) × init_scale 0.001.
+            head = {**kw, "init": "truncated", "init_std": cfg.init_std * 1e-3}
+            self.classifier = layers.Dense(d, cfg.num_classes, ("embed", None), **head)
+        else:
+            self.norm = layers.LayerNorm(d, **norm)
+            self.head = layers.Dense(d, cfg.codebook_size, ("embed", "vocab"), **kw)
         # BEiT paper Sec. 2.5 (also `fix_init_weight` in its code): the last projection of each
         # sub-layer of layer l (attention output, second MLP matrix) starts scaled by 1/√(2l), l = 1..L.
         scale = 1.0 / np.sqrt(2.0 * np.arange(1, cfg.layers + 1))
@@ -205,10 +215,19 @@ class Beit(nnx.Module):
         hidden = self.stack(x, bias=self.relative_bias(), dropout_key=k_stack)
 
         patches = hidden[:, 1:]
+        if self.head is None:  # a classifier: `classify` pools the patches
+            return {"hidden": hidden}
         if masked_positions is not None:  # never project what the loss throws away
             patches = jnp.take_along_axis(patches, masked_positions[..., None].astype(jnp.int32), axis=1)
         logits = self.head(self.norm(patches)).astype(jnp.float32)
         return {"hidden": hidden, "logits": constrain(logits, ("batch", "length", "vocab"))}
+
+    def classify(self, images: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """(B, num_classes) float32 logits: nothing masked, LN(mean of the patch tokens)·W + b."""
+        b = images.shape[0]
+        hidden = self(images, jnp.zeros((b, self.cfg.num_patches), bool), dropout_key=dropout_key)["hidden"]
+        pooled = self.fc_norm(hidden[:, 1:].mean(axis=1))
+        return self.classifier(pooled).astype(jnp.float32)
 
 
 def param_count(cfg: BeitConfig) -> int:
@@ -252,6 +271,7 @@ class VqConfig(layers.TransformerConfig):
                 f"a positive multiple of patch_size={self.patch_size}",
             ),
             "codebook_size": (self.codebook_size > 1, "> 1"),
+            "num_classes": (self.num_classes >= 0, ">= 0 (0: the pre-training model)"),
             "code_dim": (self.code_dim > 0, "> 0"),
             "beta": (self.beta >= 0, ">= 0"),
         }

@@ -439,6 +439,10 @@ class Vit(nnx.Module):
             x = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + 1e-6)
         return constrain(self.head(x.astype(self.cfg.dtype)).astype(jnp.float32), ("batch", "classes"))
 
+    def classify(self, images: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """The class logits (B, num_classes): what the classification methods call (as `Beit.classify`)."""
+        return self(images, dropout_key=dropout_key)
+
     def __call__(self, images: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """images (B, H, W, C) -> logits (B, num_classes) float32, or features (B, D) if no head."""
         x = self.features(images, dropout_key=dropout_key)
