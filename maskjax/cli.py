@@ -324,7 +324,9 @@ def _fill_mask() -> None:
 
 
 def _reconstruct_flags() -> None:
-    flags.DEFINE_string("workdir", None, "maskjax workdir of an MAE checkpoint (trained or imported).")
+    flags.DEFINE_string(
+        "workdir", None, "maskjax workdir of an MAE checkpoint (trained or imported) or a BEiT run."
+    )
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest intact one).")
     flags.DEFINE_string("out", None, "PNG to write (default: WORKDIR/reconstructions.png).")
     flags.DEFINE_float(
@@ -361,6 +363,12 @@ def _reconstruct() -> None:
         raise UsageError(str(e)) from None
     if FLAGS.json:
         print(json.dumps(result, indent=2))
+        return
+    if "masked_token_accuracy" in result:  # BEiT
+        print(
+            f"masked-token accuracy {result['masked_token_accuracy']:.4f} over {result['masked_patches']} "
+            f"masked patches of {result['images']} held-out images\nfigure: {result['figure']}"
+        )
         return
     print(
         f"masked-patch loss {result['reconstruction_loss']:.4f} (mean-patch baseline "
@@ -540,12 +548,14 @@ COMMANDS: dict[str, Command] = {
     "reconstruct": Command(
         _reconstruct_flags,
         _reconstruct,
-        "MAE's Figure 2 for held-out images: original, masked, reconstruction, + visible patches.",
+        "MAE's Figure 2 for held-out images (BEiT: the masked-token accuracy map).",
         "--workdir=DIR [--out=FIGURE.png] [--mask-ratio=0.75] [--n=8]",
         "Masks --n held-out images of the run's dataset (or --dataset) at --mask-ratio, runs the MAE "
         "checkpoint and writes one column per image: the original, the masked input, the "
         "reconstruction and the reconstruction with the visible patches pasted back; prints the "
-        "masked-patch loss beside the predict-the-mean-patch baseline.",
+        "masked-patch loss beside the predict-the-mean-patch baseline. For a BEiT run: a fresh block "
+        "mask, and each masked patch green where the model's top visual token is its tokenizer's, red "
+        "where not; prints that masked-token accuracy.",
         "maskjax reconstruct --workdir=/tmp/maskjax-mae --out=/tmp/mae-figure.png --mask-ratio=0.75",
     ),
     "generate": Command(

@@ -386,3 +386,41 @@ def test_reconstruct_draws_figure_2_from_a_workdir(mae_workdir, tmp_path):
     result = json.loads(run.stdout)
     assert result["images"] == 5 and result["mask_ratio"] == 0.75 and result["figure"] == str(figure)
     assert 0 < result["reconstruction_loss"] and figure.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reconstruct_maps_beits_masked_token_accuracy(data_dir, tmp_path):
+    """A BEiT run's map: the accuracy is the share of masked patches whose top token is the tokenizer's,
+    checked against the model and tokenizer run directly; the PNG has its three rows."""
+    from PIL import Image
+
+    from maskjax import infer
+    from maskjax.evaluators import reconstruction
+    from maskjax.methods import beit as beit_method
+
+    train.train(tiny("vqvae", data_dir, total_steps=2, checkpoint_every=2), tmp_path / "vq")
+    config = tiny(
+        "beit",
+        data_dir,
+        total_steps=2,
+        checkpoint_every=2,
+        **{"masking.tokenizer_workdir": str(tmp_path / "vq")},
+    )
+    train.train(config, tmp_path / "beit")
+    result = reconstruction.from_workdir(str(tmp_path / "beit"), str(tmp_path / "map.png"), n=4, seed=3)
+    assert result["images"] == 4 and 0 < result["masked_patches"] <= 4 * config.masking.num_masked
+
+    model, cfg = infer.load(tmp_path / "beit", ("beit",))
+    graphdef, _, params = beit_method._tokenizer(str(tmp_path / "vq"))
+    params = jax.device_get(params)
+    source, transform = loaders.source_and_transform(config, "eval")
+    images = jnp.stack([transform(source[i])["image"] for i in range(4)])
+    out = reconstruction.beit_accuracy(
+        model, nnx.merge(graphdef, params), images, jax.random.key(3), config.masking
+    )
+    codes = nnx.merge(graphdef, params).encode(images)
+    top = jnp.argmax(model(images, out["mask"])["logits"], -1)
+    expected = float(((top == codes) & out["mask"]).sum() / out["mask"].sum())
+    assert result["masked_token_accuracy"] == pytest.approx(expected)
+    assert int(out["mask"].sum()) == result["masked_patches"]
+    width, height = Image.open(tmp_path / "map.png").size
+    assert height > width / 4 * 2  # three rows of four columns

@@ -271,7 +271,6 @@ class VqConfig(layers.TransformerConfig):
                 f"a positive multiple of patch_size={self.patch_size}",
             ),
             "codebook_size": (self.codebook_size > 1, "> 1"),
-            "num_classes": (self.num_classes >= 0, ">= 0 (0: the pre-training model)"),
             "code_dim": (self.code_dim > 0, "> 0"),
             "beta": (self.beta >= 0, ">= 0"),
         }
