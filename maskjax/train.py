@@ -423,12 +423,22 @@ def _weights(source: str) -> tuple[str, dict]:
     return family, jax.tree.map(np.asarray, params)
 
 
-def with_init_architecture(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def with_init_architecture(
+    config: ml_collections.ConfigDict, workdir: epath.Path | None = None
+) -> ml_collections.ConfigDict:
     """`config` with the model fields its method takes from `config.init` (`Method.init_fields`) set
-    to the checkpoint's values: a fine-tuning config then serves an encoder of any size."""
+    to the checkpoint's values: a fine-tuning config then serves an encoder of any size. A run that
+    resumes takes them from its own checkpoint (the init may be gone by then)."""
     fields = methods.get(config.family).init_fields
     if not fields or not config.get("init"):
         return config
+    if workdir is not None and checkpoint.checkpoints_dir(workdir).exists():
+        try:
+            _, cfg = checkpoint.model_config(workdir)
+        except FileNotFoundError:
+            cfg = None
+        if cfg is not None:
+            return _with_fields(config, {f: getattr(cfg, f) for f in fields}, str(workdir))
     path = epath.Path(config.init)
     if not path.exists():
         raise ConfigError(
@@ -443,16 +453,39 @@ def with_init_architecture(config: ml_collections.ConfigDict) -> ml_collections.
             raise ConfigError(f"init={config.init}: {e}") from None
     else:
         _, cfg = checkpoint.model_config(config.init)
-    values = {f: getattr(cfg, f) for f in fields}
+    return _with_fields(config, {f: getattr(cfg, f) for f in fields}, config.init)
+
+
+def _with_fields(config: ml_collections.ConfigDict, values: dict, source: str) -> ml_collections.ConfigDict:
     changed = {f: v for f, v in values.items() if config.model.get(f) != v}
     if not changed:
         return config
     if jax.process_index() == 0:
         said = ", ".join(f"{f}={v}" for f, v in changed.items())
-        print(f"model: {said} (the architecture of {config.init})", flush=True)
+        print(f"model: {said} (the architecture of {source})", flush=True)
     out = ml_collections.ConfigDict(config.to_dict())
     for f, v in changed.items():
         out.model[f] = v
+    return out
+
+
+def with_own_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml_collections.ConfigDict:
+    """A fine-tuning run that encodes text with its init's tokenizer keeps a copy in WORKDIR/tokenizer
+    and reads that one when it resumes (the init may be gone; the workdir serves inference alone)."""
+    if config.data.get("kind") not in ("labelled_text", "span_qa") or config.data.get("tokenizer"):
+        return config
+    own = workdir / "tokenizer"
+    if not own.exists() and config.get("init"):
+        init = epath.Path(config.init)
+        source = init / "tokenizer" if (init / "tokenizer").is_dir() else init
+        if jax.process_index() == 0:
+            _keep_tokenizer(source, workdir, only=("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt"))
+        if not own.exists():  # another process's view, or nothing to copy
+            return config
+    if not own.exists():
+        return config
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.data.tokenizer = str(own)
     return out
 
 
@@ -523,16 +556,21 @@ def _overlay(params: dict, loaded: dict) -> dict:
     }
 
 
-def _keep_tokenizer(source: epath.Path, workdir: epath.Path) -> None:
+def _keep_tokenizer(source: epath.Path, workdir: epath.Path, only: tuple[str, ...] | None = None) -> None:
     """A text run's tokenizer, copied to WORKDIR/tokenizer: the workdir alone then serves
-    `maskjax fill-mask` and `maskjax generate`."""
+    `maskjax fill-mask` and `maskjax generate`. `only`: these file names (a transformers directory
+    holds its weights beside the tokenizer's files)."""
     target = workdir / "tokenizer"
     if not source.is_dir() or target.exists():
         return
-    target.mkdir(parents=True, exist_ok=True)
-    for f in source.iterdir():
-        if f.is_file():
-            (target / f.name).write_bytes(f.read_bytes())
+    files = [f for f in source.iterdir() if f.is_file() and (only is None or f.name in only)]
+    if not files:
+        return
+    partial = workdir / "tokenizer.partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        (partial / f.name).write_bytes(f.read_bytes())
+    partial.rename(target)  # whole or not at all
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices: list | None = None) -> dict:
@@ -544,7 +582,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, devices
     if _is_local(workdir):
         workdir = epath.Path(os.path.abspath(workdir))
     workdir.mkdir(parents=True, exist_ok=True)
-    config = with_init_architecture(config)
+    config = with_own_tokenizer(with_init_architecture(config, workdir), workdir)
     schedule = config_lib.phases(config)
     for _, phase_config in schedule:  # every phase is checked before anything is built or read
         config_lib.validate(phase_config, len(devices) if devices is not None else jax.device_count())

@@ -248,6 +248,9 @@ def test_finetuning_a_bert_workdir_takes_its_sizes_and_tokenizer_and_learns(work
     assert "freshly initialised: /classifier" in out and "not in this model: /mlm" in out
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["eval_examples"] == 64 and report["top1"] > 0.9 and report["f1"] > 0.9
+    # Resuming takes the sizes from the run's own checkpoint: the init may be gone by then.
+    train.train(_finetune(workdirs, init=str(tmp_path / "gone"), **{"schedule.epochs": 6}), tmp_path)
+    assert "resumed from step 96" in capsys.readouterr().out
 
 
 def test_a_classifier_without_init_needs_a_tokenizer_and_the_right_class_count(workdirs, tmp_path):
