@@ -57,7 +57,11 @@ def _num_patches(cfg: Any) -> int | None:
 
 def _data(config: ml_collections.ConfigDict, cfg: Any) -> dict[str, Any]:
     data = config.data
-    seq = data.get("seq_length") if data.get("kind") == "text" else _num_patches(cfg)
+    seq = (
+        data.get("seq_length")
+        if data.get("kind") in ("text", "labelled_text", "span_qa")
+        else _num_patches(cfg)
+    )
     out = {"global_batch": config.global_batch_size, "seq_length": seq}
     if config.get("phases"):  # e.g. BERT: 128 tokens for 90% of the steps, then 512
         out["phases"] = [

@@ -5,6 +5,9 @@
                        resize + centre crop for evaluation
   data.kind = "text":  a folder written by `maskjax prepare-text` (prepared on
                        first use from `data.corpus` when it is missing)
+  data.kind = "labelled_text": (text_a, text_b, label) records (data/labelled_text.py), encoded
+                       with `text_tokenizer(config)` (data.tokenizer, else the init's)
+  data.kind = "span_qa": SQuAD-style questions as doc-stride windows (data/span_qa.py)
 
 Datasets live under `data.data_dir`, default $MASKJAX_DATA_DIR or ~/.cache/maskjax.
 `prepare(config)` is the explicit first step of a run (train, benchmark-input): it builds what
