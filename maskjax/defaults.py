@@ -171,14 +171,21 @@ def base(family: str) -> ml_collections.ConfigDict:
     return c
 
 
-def steps_from_epochs(c: ml_collections.ConfigDict, train_images: int | config_dict.FieldReference) -> None:
+def steps_from_epochs(
+    c: ml_collections.ConfigDict,
+    train_images: int | config_dict.FieldReference,
+    warmup_percent: int | None = None,
+) -> None:
     """Set total_steps and schedule.warmup_steps from schedule.epochs / warmup_epochs, as references:
     steps = ⌈epochs · train_images / global_batch_size⌉, so `--config.schedule.epochs=1600` or another
-    batch moves them too (the papers count epochs, the loop counts steps)."""
+    batch moves them too (the papers count epochs, the loop counts steps). `warmup_percent`: warm up
+    over ⌈that share⌉ of the steps instead (BERT's 10%, RoBERTa's 6%; no warmup_epochs then)."""
     batch = c.get_ref("global_batch_size")
     c.total_steps = (c.schedule.get_ref("epochs") * train_images + batch - 1) // batch
-    warmup = (c.schedule.get_ref("warmup_epochs") * train_images + batch - 1) // batch
-    c.schedule.warmup_steps = warmup.to_int()  # a fractional warmup_epochs (BERT: 10% of 3) as well
+    if warmup_percent is not None:
+        c.schedule.warmup_steps = (c.get_ref("total_steps") * warmup_percent + 99) // 100
+        return
+    c.schedule.warmup_steps = (c.schedule.get_ref("warmup_epochs") * train_images + batch - 1) // batch
 
 
 def from_file(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -193,6 +200,15 @@ def from_file(path: str | Path, arg: str | None = None) -> ml_collections.Config
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config() if arg is None else module.get_config(arg)
+
+
+def package_path(package: str, *parts: str) -> str | None:
+    """The path of `parts` inside installed package `package` (not imported), or None without it: a
+    config's reference to data or weights a pip package ships."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return str(Path(next(iter(spec.submodule_search_locations)), *parts))
 
 
 def variant(variants: Mapping[str, T], name: str) -> T:

