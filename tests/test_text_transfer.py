@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tiny_configs import ROOT, tiny
+from tiny_configs import ROOT, override, tiny
 
 from maskjax import defaults, interop, models, train
 from maskjax.data import labelled_text, loaders, span_qa, text_datasets
@@ -228,13 +228,7 @@ def _finetune(workdirs: dict[str, Path], **overrides):
     c.data.train_examples = 256
     c.update(global_batch_size=16, log_every=5, eval_every=10, eval_batches=1)
     c.optimizer.peak_lr = 1e-3
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return override(c, **overrides)
 
 
 def test_finetuning_a_bert_workdir_takes_its_sizes_and_tokenizer_and_learns(workdirs, tmp_path, capsys):

@@ -61,6 +61,11 @@ def tiny(family: str, data_dir: Path, /, **overrides) -> ml_collections.ConfigDi
         for name in ("knn", "ridge"):
             if name in c.evals:
                 c.evals[name].every = 0
+    return override(c, **overrides)
+
+
+def override(c: ml_collections.ConfigDict, /, **overrides) -> ml_collections.ConfigDict:
+    """`c` with each dotted key ("schedule.epochs") set, as `--config.KEY=VALUE` would set it."""
     for key, value in overrides.items():
         target = c
         *parents, leaf = key.split(".")
