@@ -233,10 +233,6 @@ def _compile() -> None:
         sys.exit(1)
 
 
-# A transformers directory's tokenizer files, as maskjax.data.tokenizers.load reads them.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt")
-
-
 def _import_hf_flags() -> None:
     flags.DEFINE_string("hf_dir", None, "Directory of a transformers checkpoint (config.json + weights).")
     flags.DEFINE_string("out", None, "maskjax workdir to write the checkpoint into.")
@@ -255,7 +251,9 @@ def _import_hf() -> None:
     path = checkpoint.save_params(FLAGS.out, imported.family, imported.config, imported.params)
     print(f"{imported.family}: wrote {path}")
     # The tokenizer travels with the weights, for fill-mask and generate.
-    files = [f for f in TOKENIZER_FILES if (Path(FLAGS.hf_dir) / f).is_file()]
+    from maskjax.data import tokenizers
+
+    files = [f for f in tokenizers.FILES if (Path(FLAGS.hf_dir) / f).is_file()]
     if files:
         (Path(FLAGS.out) / "tokenizer").mkdir(parents=True, exist_ok=True)
         for f in files:

@@ -406,12 +406,17 @@ def run_evaluators(trainer: Trainer, state: dict, workdir: epath.Path) -> dict:
     return report
 
 
-def _weights(source: str) -> tuple[str, dict]:
-    """(model name, pure dict of numpy parameters) of a maskjax workdir or a transformers directory."""
+def _is_transformers_dir(source: str) -> bool:
+    """Whether `config.init` names a transformers directory (else a maskjax workdir); it must exist."""
     path = epath.Path(source)
     if not path.exists():
         raise ConfigError(f"init={source} does not exist: give a maskjax workdir or a transformers directory")
-    if (path / "config.json").exists() and not (path / "checkpoints").exists():
+    return (path / "config.json").exists() and not (path / "checkpoints").exists()
+
+
+def _weights(source: str) -> tuple[str, dict]:
+    """(model name, pure dict of numpy parameters) of a maskjax workdir or a transformers directory."""
+    if _is_transformers_dir(source):
         from maskjax import interop
 
         try:
@@ -439,12 +444,7 @@ def with_init_architecture(
             cfg = None
         if cfg is not None:
             return _with_fields(config, {f: getattr(cfg, f) for f in fields}, str(workdir))
-    path = epath.Path(config.init)
-    if not path.exists():
-        raise ConfigError(
-            f"init={config.init} does not exist: give a maskjax workdir or a transformers directory"
-        )
-    if (path / "config.json").exists() and not (path / "checkpoints").exists():
+    if _is_transformers_dir(config.init):
         from maskjax import interop
 
         try:
@@ -474,15 +474,15 @@ def with_own_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path) -
     and reads that one when it resumes (the init may be gone; the workdir serves inference alone)."""
     if config.data.get("kind") not in ("labelled_text", "span_qa") or config.data.get("tokenizer"):
         return config
+    from maskjax.data import tokenizers
+
     own = workdir / "tokenizer"
-    if not own.exists() and config.get("init"):
+    if not own.exists() and config.get("init") and jax.process_index() == 0:
         init = epath.Path(config.init)
-        source = init / "tokenizer" if (init / "tokenizer").is_dir() else init
-        if jax.process_index() == 0:
-            _keep_tokenizer(source, workdir, only=("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt"))
-        if not own.exists():  # another process's view, or nothing to copy
-            return config
-    if not own.exists():
+        _keep_tokenizer(
+            init / "tokenizer" if (init / "tokenizer").is_dir() else init, workdir, tokenizers.FILES
+        )
+    if not own.exists():  # nothing to copy, or another process does not see it yet: the init's
         return config
     out = ml_collections.ConfigDict(config.to_dict())
     out.data.tokenizer = str(own)

@@ -43,6 +43,8 @@ _SPECIAL_NAMES = {
 WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # ids 0..3 as in RoBERTa's dictionary
 GPT2_SPECIALS = ("<|endoftext|>",)
+# The files a tokenizer is read from (`load`); a transformers directory holds them beside its weights.
+FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt")
 # sha256 of whisper/assets/gpt2.tiktoken (openai-whisper 20250625): GPT-2's 50,256 BPE ranks.
 GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 _WHITESPACE_BYTES = frozenset(b" \t\n\r\x0b\x0c")
