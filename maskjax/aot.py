@@ -146,6 +146,20 @@ def _parse_oom(message: str) -> dict:
     return {}
 
 
+def peak_bytes(mem: Any) -> dict[str, int]:
+    """A compiled program's bytes per device by kind, and their `peak` (module docstring's formula)."""
+    sizes = {
+        "argument": mem.argument_size_in_bytes,
+        "output": mem.output_size_in_bytes,
+        "alias": mem.alias_size_in_bytes,
+        "temp": mem.temp_size_in_bytes,
+        "generated_code": mem.generated_code_size_in_bytes,
+    }
+    sizes["peak"] = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]
+    sizes["peak"] += sizes["generated_code"]
+    return sizes
+
+
 def compile_step(
     config: ml_collections.ConfigDict,
     devices: list,
@@ -216,16 +230,7 @@ def compile_step(
         return result
     seconds = time.perf_counter() - start
 
-    mem = compiled.memory_analysis()
-    sizes = {
-        "argument": mem.argument_size_in_bytes,
-        "output": mem.output_size_in_bytes,
-        "alias": mem.alias_size_in_bytes,
-        "temp": mem.temp_size_in_bytes,
-        "generated_code": mem.generated_code_size_in_bytes,
-    }
-    sizes["peak"] = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]
-    sizes["peak"] += sizes["generated_code"]
+    sizes = peak_bytes(compiled.memory_analysis())
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     xla_flops = (cost or {}).get("flops")  # None where the backend gives no count

@@ -53,25 +53,22 @@ def _losses(workdir: Path) -> dict[int, float | None]:
     return {r["step"]: r["loss"] for r in rows if r.get("split") != "eval"}
 
 
-def _overwrite_every_data_file(item: Path, seed: int) -> None:
-    """Random bytes over the middle half of every OCDBT data file (d/...) of the item."""
-    for i, path in enumerate(sorted(item.rglob("d/*"))):
+def _overwrite_the_arrays(item: Path, seed: int = 0) -> None:
+    """The issue's accident: random bytes over the middle half of the files that hold the arrays.
+
+    Not "the largest file of the item": which file that is varies from save to save, and it may be
+    `_sharding` or a process's own OCDBT b-tree, neither of which a restore reads (the merged b-tree
+    in `d/` replaces them), so damage there is rightly not seen. The arrays' chunks are in
+    `ocdbt.process_*/d/`; damaging each of those files is sure to hit them."""
+    files = sorted(item.glob("ocdbt.process_*/d/*"))
+    assert files, f"no OCDBT data files under {item}"
+    for i, path in enumerate(files):
         damage_middle_half(path, np.random.default_rng([seed, i]))
-
-
-def _overwrite_the_middle_of_the_largest_file(item: Path, seed: int = 0) -> Path:
-    """The issue's accident: random bytes over the middle half of the biggest file of the item.
-
-    (Half, not a few KiB: in these small checkpoints the upper part of that file holds OCDBT records
-    that a restore does not read, and damage there is rightly not seen.)"""
-    largest = max((p for p in item.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    damage_middle_half(largest, np.random.default_rng(seed))
-    return largest
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_previous_step(data_dir, first_run, tmp_path):
     workdir = _copy(first_run, tmp_path)
-    _overwrite_the_middle_of_the_largest_file(workdir / "checkpoints" / "8" / "params")
+    _overwrite_the_arrays(workdir / "checkpoints" / "8" / "params")
     longer = config_file(tmp_path, "mae", data_dir, **{**FIRST, "total_steps": 12})
     result = _run(*train_command(longer, workdir))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -132,7 +129,7 @@ def test_files_of_another_step_are_caught_by_the_fingerprints_in_every_reader(fi
 def test_no_intact_checkpoint_stops_the_run_in_one_line_and_moves_nothing(data_dir, first_run, tmp_path):
     workdir = _copy(first_run, tmp_path)
     for step, seed in ((4, 1), (8, 2)):
-        _overwrite_every_data_file(workdir / "checkpoints" / str(step) / "opt", seed)
+        _overwrite_the_arrays(workdir / "checkpoints" / str(step) / "opt", seed)
     result = _run(*train_command(config_file(tmp_path, "mae", data_dir, **FIRST), workdir))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]

@@ -30,6 +30,12 @@ through these fields; nothing outside a method module switches on its name.
   logits(model, batch) -> (B, C)               a classifier's: what the `top1` evaluator scores
   init_fields                                  model fields `config.init`'s checkpoint sets (its
       architecture), so one fine-tuning config serves every size; () : the config's own sizes
+  example_batch(config, model_cfg, rng) -> {name: np.ndarray}   optional: one global batch of
+      `batch_spec`'s shapes with values the loss accepts (random tokens or pixels), so that
+      `maskjax benchmark` times any config, paper sizes included, without its data
+  savings(config, model_cfg) -> {what: {dotted key: value}}   optional: the config changes that
+      make the step do the work the method avoids (BERT: vocabulary logits at every position; MAE:
+      the encoder on every patch); `maskjax benchmark` times each beside the config
 
 `model` names the architecture in `maskjax.models.FAMILIES` that `loss` receives. A new method is
 its own module plus one `REGISTRY` line; `get(name)` checks the record the first time it is loaded.
@@ -46,6 +52,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # method name -> "module:attribute" of its `Method`
 REGISTRY: dict[str, str] = {
@@ -89,12 +96,14 @@ class Method:
     features: Callable[[Any, jax.Array], jax.Array] | None = None
     logits: Callable[[Any, dict], jax.Array] | None = None
     init_fields: tuple[str, ...] = ()
+    example_batch: Callable[[Any, Any, np.random.Generator], dict[str, np.ndarray]] | None = None
+    savings: Callable[[Any, Any], dict[str, dict[str, Any]]] | None = None
 
 
 # Positional parameters each callable must accept (the loss's `train` and `extras` are keywords).
 _ARITY = {
     "batch_spec": 2, "flops": 2, "describe_masking": 2, "validate": 2, "extras": 1, "extras_spec": 1,
-    "init_weights": 3, "roles": 2, "features": 2, "logits": 2,
+    "init_weights": 3, "roles": 2, "features": 2, "logits": 2, "example_batch": 3, "savings": 2,
 }  # fmt: skip
 
 
@@ -149,6 +158,12 @@ def image_batch_spec(config: Any, model_cfg: Any) -> dict[str, jax.ShapeDtypeStr
     """The global batch the image loaders produce: {"image": (B, H, W, C) float32, normalised}."""
     size, channels = model_cfg.image_size, model_cfg.channels
     return {"image": jax.ShapeDtypeStruct((config.global_batch_size, size, size, channels), jnp.float32)}
+
+
+def image_example_batch(config: Any, model_cfg: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """`image_batch_spec`'s batch filled with unit-normal pixels (what normalised images look like)."""
+    spec = image_batch_spec(config, model_cfg)["image"]
+    return {"image": rng.standard_normal(spec.shape, np.float32)}
 
 
 def stack_flops(d: int, f: int, layers: int, tokens: int) -> int:

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maskjax import checkpoint, losses, masking, models
 from maskjax.errors import ConfigError
-from maskjax.methods import Method, image_batch_spec, stack_flops
+from maskjax.methods import Method, image_batch_spec, image_example_batch, stack_flops
 from maskjax.methods.vqvae import vq_forward_flops
 from maskjax.models import beit
 
@@ -178,4 +178,5 @@ BEIT = Method(
     extras=extras,
     extras_spec=extras_spec,
     features=features,
+    example_batch=image_example_batch,
 )

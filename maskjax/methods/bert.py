@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from maskjax import losses, masking
 from maskjax.errors import ConfigError
@@ -111,6 +112,37 @@ def batch_spec(config: Any, model_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
     return spec
 
 
+def example_batch(config: Any, model_cfg: bert.BertConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Full rows without padding: the first special id, random ordinary tokens, the last special id
+    at the end (and, for BERT's sentence pairs, in the middle, segment 1 after it); 3 words in 4 start
+    a word (whole-word masking has words to pick)."""
+    b, t, m = config.global_batch_size, config.data.seq_length, config.masking
+    lowest = max(m.mask_id, m.pad_id, *m.special_ids) + 1  # the ordinary tokens, in the usual layouts
+    ids = rng.integers(lowest, model_cfg.vocab_size, (b, t), dtype=np.int32)
+    ends = [0, t - 1] + ([t // 2] if config.data.layout == "bert" else [])
+    special = np.zeros((b, t), bool)
+    special[:, ends] = True
+    ids[:, 0], ids[:, ends[1:]] = m.special_ids[0], m.special_ids[-1]
+    batch = {
+        "input_ids": ids,
+        "attention_mask": np.ones((b, t), np.int32),
+        "word_starts": (rng.random((b, t)) < 0.75) | special,
+        "special_tokens_mask": special,
+    }
+    if config.data.layout == "bert":
+        batch["token_type_ids"] = np.broadcast_to(np.arange(t) > t // 2, (b, t)).astype(np.int32)
+        batch["next_sentence_label"] = rng.integers(0, 2, (b,), dtype=np.int32)
+    return batch
+
+
+def savings(config: Any, model_cfg: bert.BertConfig) -> dict[str, dict[str, Any]]:
+    """The vocabulary projection at every position, as a model that does not gather the masked ones
+    computes it: P = T prediction slots (the fixed-count ablation strategies have no such knob)."""
+    if config.masking.strategy in _ABLATIONS:
+        return {}
+    return {"vocabulary logits at every position": {"masking.max_predictions": config.data.seq_length}}
+
+
 def flops(config: Any, model_cfg: bert.BertConfig) -> int:
     """Model FLOPs of one train step; formula in the module docstring."""
     c, t, d = model_cfg, config.data.seq_length, model_cfg.hidden
@@ -168,6 +200,8 @@ BERT = Method(
     validate=validate,
     evaluators=("mlm_unigram_baseline", "fill_mask_samples"),
     features=features,
+    example_batch=example_batch,
+    savings=savings,
 )
 # RoBERTa: the same objective without NSP (its model config says so); the data layout differs.
 ROBERTA = dataclasses.replace(BERT, name="roberta", model="roberta")

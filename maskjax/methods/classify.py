@@ -27,10 +27,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from maskjax import losses
 from maskjax.errors import ConfigError
-from maskjax.methods import Method, image_batch_spec, no_masking, stack_flops
+from maskjax.methods import Method, image_batch_spec, image_example_batch, no_masking, stack_flops
 from maskjax.models import vit
 
 BN_MOMENTUM = 0.9  # r ← m·r + (1−m)·b: torch.nn.BatchNorm1d's default momentum 0.1, in its sense
@@ -129,6 +130,12 @@ def batch_spec(config: Any, model_cfg: vit.VitConfig) -> dict[str, jax.ShapeDtyp
     return {**spec, "label": jax.ShapeDtypeStruct((config.global_batch_size,), jnp.int32)}
 
 
+def example_batch(config: Any, model_cfg: vit.VitConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Unit-normal pixels and uniform labels."""
+    labels = rng.integers(0, model_cfg.num_classes, (config.global_batch_size,), dtype=np.int32)
+    return {**image_example_batch(config, model_cfg, rng), "label": labels}
+
+
 def _encoder_forward(c: vit.VitConfig) -> int:
     n = c.num_patches
     return 2 * n * c.patch_dim * c.hidden + stack_flops(c.hidden, c.mlp_dim, c.layers, 1 + n)
@@ -212,6 +219,7 @@ FINETUNE = Method(
     task="finetune",
     features=lambda model, images: model.features(images),
     logits=lambda model, batch: model.classify(batch["image"]),
+    example_batch=example_batch,
 )
 
 PROBE = Method(
@@ -229,6 +237,7 @@ PROBE = Method(
     task="probe",
     features=lambda model, images: model.features(images),
     logits=lambda model, batch: model.classify(batch["image"]),
+    example_batch=example_batch,
 )
 
 

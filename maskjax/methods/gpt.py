@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from maskjax import losses, masking
 from maskjax.methods import Method, stack_flops
@@ -46,6 +47,15 @@ def batch_spec(config: Any, model_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
     }
 
 
+def example_batch(config: Any, model_cfg: gpt.GptConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Rows of random tokens, each one document (segment 1; 0 would be padding)."""
+    shape = (config.global_batch_size, config.data.seq_length)
+    return {
+        "input_ids": rng.integers(0, model_cfg.vocab_size, shape, dtype=np.int32),
+        "segment_ids": np.ones(shape, np.int32),
+    }
+
+
 def flops(config: Any, model_cfg: gpt.GptConfig) -> int:
     """Model FLOPs of one train step; formula in the module docstring."""
     c, t = model_cfg, config.data.seq_length
@@ -66,4 +76,5 @@ GPT = Method(
     flops=flops,
     describe_masking=describe_masking,
     evaluators=("greedy_sample_and_perplexity",),
+    example_batch=example_batch,
 )

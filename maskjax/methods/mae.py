@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from maskjax import losses, masking
 from maskjax.errors import ConfigError
-from maskjax.methods import Method, image_batch_spec, stack_flops
+from maskjax.methods import Method, image_batch_spec, image_example_batch, stack_flops
 from maskjax.models import vit
 
 
@@ -62,6 +62,12 @@ def flops(config: Any, model_cfg: vit.MaeConfig) -> int:
     return config.global_batch_size * 3 * forward
 
 
+def savings(config: Any, model_cfg: vit.MaeConfig) -> dict[str, dict[str, Any]]:
+    """The encoder on N−1 of the N patches (a ratio of 1/(2N), the smallest that still masks one):
+    the cost of encoding mask tokens with the visible patches, MAE Table 2's "encoder w/ [M]"."""
+    return {"encoder on every patch": {"masking.ratio": 0.5 / model_cfg.num_patches}}
+
+
 def describe_masking(config: Any, model_cfg: vit.MaeConfig) -> dict[str, Any]:
     # Uniform random patches, a fixed number per image (He et al. 2022, Sec. 3).
     n, ratio = model_cfg.num_patches, config.masking.ratio
@@ -92,4 +98,6 @@ MAE = Method(
     validate=validate,
     evaluators=("mae_reconstruction",),
     features=features,
+    example_batch=image_example_batch,
+    savings=savings,
 )

@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from maskjax.methods import Method, image_batch_spec, no_masking, stack_flops
+from maskjax.methods import Method, image_batch_spec, image_example_batch, no_masking, stack_flops
 from maskjax.models import beit
 
 
@@ -54,4 +54,5 @@ VQVAE = Method(
     batch_spec=batch_spec,
     flops=flops,
     describe_masking=no_masking,
+    example_batch=image_example_batch,
 )
