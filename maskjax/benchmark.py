@@ -25,6 +25,7 @@ On a shared machine compare ratios measured in one run, not numbers from two.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import platform
@@ -264,15 +265,8 @@ def measure(
 
 
 def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-    """A copy of `config` with each dotted key set, as `--config.KEY=VALUE` sets it."""
-    c = ml_collections.ConfigDict(config.to_dict())
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        target = c
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    """A copy of `config` with each dotted key set (`config.override`); `config` is left as it was."""
+    return config_lib.override(copy.deepcopy(config), overrides)
 
 
 def run(

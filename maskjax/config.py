@@ -170,6 +170,17 @@ def phases(config: ml_collections.ConfigDict) -> list[tuple[int, ml_collections.
     return result
 
 
+def override(config: ml_collections.ConfigDict, values: dict[str, Any]) -> ml_collections.ConfigDict:
+    """`config` with each dotted key ("schedule.epochs") set in place, as `--config.KEY=VALUE` sets it."""
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        target = config
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return config
+
+
 def rules(config: ml_collections.ConfigDict) -> dict:
     """The logical-axis rules in force: the defaults, overridden by `config.rules`."""
     merged = dict(sharding.DEFAULT_RULES)

@@ -8,6 +8,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from maskjax import config as config_lib
 from maskjax import defaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,13 +67,7 @@ def tiny(family: str, data_dir: Path, /, **overrides) -> ml_collections.ConfigDi
 
 def override(c: ml_collections.ConfigDict, /, **overrides) -> ml_collections.ConfigDict:
     """`c` with each dotted key ("schedule.epochs") set, as `--config.KEY=VALUE` would set it."""
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return config_lib.override(c, overrides)
 
 
 def config_file(tmp_path: Path, family: str, data_dir: Path, **overrides) -> Path:
