@@ -120,19 +120,16 @@ def _mlm_labels(ids: np.ndarray, special: np.ndarray, share: float, rng: np.rand
 # transformers architecture -> its inputs from a maskjax example batch, doing the work maskjax's step
 # does: the same rows, the same share masked (transformers' models mask in the data collator).
 _TORCH_INPUTS = {
-    "BertForPreTraining": lambda b, c, rng: {
-        "input_ids": b["input_ids"],
-        "attention_mask": b["attention_mask"],
-        "token_type_ids": b["token_type_ids"],
-        "labels": _mlm_labels(b["input_ids"], b["special_tokens_mask"], c.masking.mask_prob, rng),
-        "next_sentence_label": b["next_sentence_label"],
-    },
     "BertForMaskedLM": lambda b, c, rng: {
         **{k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in b},
         "labels": _mlm_labels(b["input_ids"], b["special_tokens_mask"], c.masking.mask_prob, rng),
     },
     "GPT2LMHeadModel": lambda b, c, rng: {"input_ids": b["input_ids"], "labels": b["input_ids"]},
     "ViTMAEForPreTraining": lambda b, c, rng: {"pixel_values": b["image"].transpose(0, 3, 1, 2)},
+}
+_TORCH_INPUTS["BertForPreTraining"] = lambda b, c, rng: {
+    **_TORCH_INPUTS["BertForMaskedLM"](b, c, rng),
+    "next_sentence_label": b["next_sentence_label"],
 }
 _TORCH_INPUTS["RobertaForMaskedLM"] = _TORCH_INPUTS["BertForMaskedLM"]
 
@@ -232,11 +229,12 @@ def measure(
     # all of them together is one device's measured peak.
     total_peak = peak if jax.devices()[0].platform == "cpu" else peak * n
     examples = config.global_batch_size / step
+    tokens = tokens_per_example(config, cfg, method)
     return {
         "family": config.family,
         "params": models.param_count(trainer.model_name, cfg),
         "global_batch_size": config.global_batch_size,
-        "tokens_per_example": tokens_per_example(config, cfg, method),
+        "tokens_per_example": tokens,
         "dtype": getattr(cfg, "dtype", "float32"),
         "devices": n,
         "mesh": dict(trainer.mesh.shape),
@@ -245,7 +243,7 @@ def measure(
         "step_seconds_min": min(times),
         "steps_timed": steps,
         "examples_per_sec": examples,
-        "tokens_per_sec": examples * tokens_per_example(config, cfg, method),
+        "tokens_per_sec": examples * tokens,
         "model_flops_per_step": flops,
         "model_flops_per_sec": flops / step,
         "mfu": flops / step / total_peak,
@@ -294,7 +292,7 @@ def run(
         if not 1 <= phase <= len(phases):
             raise ConfigError(f"phase must be in [1, {len(phases)}] (the config's phases); got {phase}")
         phases = [phases[phase - 1]]
-    cfgs = [train.Trainer(c).model_cfg for c in phases]  # validates every phase before measuring
+    cfgs = [config_lib.validate(c, jax.device_count()) for c in phases]  # every phase, before measuring
     dtypes = ["float32"] + [getattr(c, "dtype", "float32") for c in cfgs]
     if jax.devices()[0].platform != "cpu":
         dtypes.append("bfloat16")

@@ -16,6 +16,7 @@ from tiny_configs import CONFIGS, config_file, tiny
 
 from maskjax import benchmark, methods, sharding, train
 from maskjax import config as config_lib
+from maskjax.errors import ConfigError
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
@@ -120,7 +121,7 @@ def test_benchmark_measures_every_phase_and_prints_the_table(tmp_path):
     second = benchmark.run(config, steps=1, warmup=0, savings=False, phase=2)
     assert [r["name"] for r in second["rows"]] == ["bert, phase 2"]
     assert second["rows"][0]["model_flops_per_step"] == result["rows"][1]["model_flops_per_step"]
-    with pytest.raises(Exception, match=r"phase must be in \[1, 2\]"):
+    with pytest.raises(ConfigError, match=r"phase must be in \[1, 2\]"):
         benchmark.run(config, steps=1, phase=3)
 
 
@@ -153,14 +154,14 @@ def test_compare_torch_times_the_same_transformers_model_in_turn(tmp_path):
     assert math.isclose(
         row["speedup_vs_torch"], row["torch_step_seconds_median"] / row["step_seconds_median"]
     )
-    with pytest.raises(Exception, match=r"no transformers reference for family 'vqvae'"):
+    with pytest.raises(ConfigError, match=r"no transformers reference for family 'vqvae'"):
         benchmark.run(tiny("vqvae", tmp_path), steps=1, compare="torch")
 
 
 def test_a_family_without_an_example_batch_is_named(tmp_path):
     config = tiny("bert", tmp_path)
     config.family = "span_qa"
-    with pytest.raises(Exception, match="has no example batch to time; families: "):
+    with pytest.raises(ConfigError, match="has no example batch to time; families: "):
         benchmark.run(config, steps=1)
 
 
